@@ -1,0 +1,31 @@
+# The README's two commands: `make demo` and `make test`. Both set up .venv first when needed.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+# DeepSpeed JIT-builds its C++ ops on first use (~1 min on 2 cores): keep them across runs.
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/distclm/torch_extensions
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: setup demo test bench lint clean
+
+setup: $(STAMP)
+
+# Everything installs through constraints.txt: pinned, tested versions; torch 2.13.0 CPU where no GPU torch is present.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/distclm prepare --preset=demo
+	$(VENV)/bin/distclm inspect data/pydoc --verify
+
+test: setup
+	$(PY) -m pytest -q tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; fi; exit $$rc
+
+bench: setup
+	$(PY) bench/prepare.py
+
+clean:
+	rm -rf data runs bench/out

@@ -1,0 +1,282 @@
+"""The block-file format: shard files of raw token ids + a versioned manifest.json.
+
+A shard `{split}-{index:05d}.bin` is little-endian ids of shape (n_blocks, block_size), no header:
+`np.memmap(path, dtype, mode="r").reshape(-1, block_size)` reads it. Shards are written under a
+`.partial` name, fsynced and renamed; the manifest is written last (the same way), so a folder
+without a manifest is never taken as complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from distclm.errors import UserError
+
+FORMAT = "distclm-blocks"
+VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:05d}.bin"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that a reader sees the old file or the whole new one, never a part."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def dump_json(obj) -> bytes:
+    """Canonical JSON: sorted keys, fixed separators, so equal content gives equal bytes."""
+    return (json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class SplitWriter:
+    """Appends blocks of one split to shard files; a shard is renamed into place when full.
+
+    Its state (complete shards, blocks in the open shard, counters) is plain data, saved by the
+    caller after a shard completes, so an interrupted prepare resumes from the last complete shard.
+    """
+
+    out: Path
+    split: str
+    block_size: int
+    dtype: np.dtype
+    shard_blocks: int
+    shards: list[dict] = field(default_factory=list)
+    open_blocks: int = 0  # blocks already in the open .partial shard
+    n_docs: int = 0
+    n_tokens: int = 0  # tokens of this split's documents (EOS included), dropped tail included
+
+    def __post_init__(self):
+        self._fh = None
+
+    @property
+    def n_blocks(self) -> int:
+        return sum(s["n_blocks"] for s in self.shards) + self.open_blocks
+
+    def _partial(self) -> Path:
+        return self.out / (shard_name(self.split, len(self.shards)) + ".partial")
+
+    def _open(self):
+        if self._fh is None:
+            path = self._partial()
+            self._fh = open(path, "r+b" if path.exists() else "wb")
+            # Resume: cut anything past the last saved state (a killed run may have written more).
+            self._fh.truncate(self.open_blocks * self.block_size * self.dtype.itemsize)
+            self._fh.seek(0, os.SEEK_END)
+        return self._fh
+
+    def write(self, blocks: np.ndarray) -> bool:
+        """Append (n, block_size) blocks; returns True when a shard was completed."""
+        completed = False
+        while len(blocks):
+            room = self.shard_blocks - self.open_blocks
+            part, blocks = blocks[:room], blocks[room:]
+            self._open().write(part.astype(self.dtype.newbyteorder("<"), copy=False).tobytes())
+            self.open_blocks += len(part)
+            if self.open_blocks == self.shard_blocks:
+                self._close_shard()
+                completed = True
+        return completed
+
+    def _close_shard(self) -> None:
+        fh = self._open()
+        fh.flush()
+        os.fsync(fh.fileno())
+        fh.close()
+        self._fh = None
+        partial = self._partial()
+        final = self.out / shard_name(self.split, len(self.shards))
+        os.replace(partial, final)
+        self.shards.append({"file": final.name, "n_blocks": self.open_blocks, "sha256": file_sha256(final)})
+        self.open_blocks = 0
+
+    def sync(self) -> None:
+        """Make the open shard's blocks durable before a state that counts them is saved."""
+        if self._fh is not None:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+
+    def finish(self) -> None:
+        if self.open_blocks:
+            self._close_shard()
+        elif self._fh is not None:
+            self._fh.close()
+            self._fh = None
+            self._partial().unlink(missing_ok=True)
+
+    def state(self) -> dict:
+        return {"shards": self.shards, "open_blocks": self.open_blocks,
+                "n_docs": self.n_docs, "n_tokens": self.n_tokens}
+
+    def summary(self, dropped: int) -> dict:
+        return {"shards": self.shards, "n_blocks": self.n_blocks, "n_tokens": self.n_tokens,
+                "n_docs": self.n_docs, "dropped_tokens": dropped}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_manifest(folder: str | Path) -> dict:
+    """The manifest of a prepared folder, checked for format and version."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise UserError(f"--data.dir={folder}: no such folder; run `distclm prepare --data.dir={folder}` first")
+    if not path.is_file():
+        partial = any(folder.glob("*.partial")) or (folder / ".prepare-state.json").exists()
+        why = "an interrupted prepare (rerun the same prepare command to resume it)" if partial else \
+            "not a prepared folder"
+        raise UserError(f"{path}: missing, so {folder} is {why}; run `distclm prepare --data.dir={folder}`")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc}); re-run prepare with --overwrite") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise UserError(f"{path}: field 'format' is {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
+                        f"expected {FORMAT!r}: not a distclm block folder")
+    if manifest.get("version") != VERSION:
+        raise UserError(f"{path}: field 'version' is {manifest.get('version')!r}, but this distclm reads "
+                        f"version {VERSION}; re-run prepare with this version (--overwrite) or upgrade distclm")
+    for key in ("dtype", "block_size", "vocab_size", "eos_token_id", "splits"):
+        if key not in manifest:
+            raise UserError(f"{path}: field {key!r} missing; re-run prepare with --overwrite")
+    if manifest["dtype"] not in ("uint16", "uint32"):
+        raise UserError(f"{path}: field 'dtype' is {manifest['dtype']!r}, expected 'uint16' or 'uint32'")
+    return manifest
+
+
+class SplitBlocks:
+    """One split's blocks across its shards; block i in O(1) (a search over shard offsets + one read).
+
+    Blocks are read with `os.pread` rather than through a long-lived memmap: the same O(1) access,
+    but resident memory stays flat over a full pass (a memmap keeps every touched page mapped).
+    """
+
+    def __init__(self, folder: Path, name: str, info: dict, block_size: int, dtype: np.dtype):
+        self.name = name
+        self.block_size = block_size
+        self.dtype = dtype
+        self.n_tokens = info.get("n_tokens")
+        self.n_docs = info.get("n_docs")
+        self._block_bytes = block_size * dtype.itemsize
+        self.paths = [folder / s["file"] for s in info["shards"]]
+        self.shards = info["shards"]
+        counts = [int(s["n_blocks"]) for s in info["shards"]]
+        self._starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+        self._fds: list[int] = []
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def _fd(self, shard: int) -> int:
+        if not self._fds:
+            self._fds = [os.open(p, os.O_RDONLY) for p in self.paths]
+        return self._fds[shard]
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        """Block `index`, shape (block_size,)."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"block {index} out of range for split {self.name!r} with {len(self)} blocks")
+        shard = int(np.searchsorted(self._starts, index, side="right")) - 1
+        offset = (index - int(self._starts[shard])) * self._block_bytes
+        data = os.pread(self._fd(shard), self._block_bytes, offset)
+        return np.frombuffer(data, dtype=self.dtype.newbyteorder("<")).astype(self.dtype)
+
+    def batch(self, indices) -> np.ndarray:
+        """Blocks at `indices`, shape (len(indices), block_size)."""
+        out = np.empty((len(indices), self.block_size), dtype=self.dtype)
+        for row, index in enumerate(indices):
+            out[row] = self[int(index)]
+        return out
+
+    def memmap(self, shard: int) -> np.ndarray:
+        """One shard as a read-only memmap, shape (n_blocks, block_size)."""
+        return np.memmap(self.paths[shard], dtype=self.dtype.newbyteorder("<"), mode="r").reshape(-1, self.block_size)
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+
+class BlockReader:
+    """A prepared folder, opened read-only and checked against its manifest."""
+
+    def __init__(self, folder: str | Path, verify: bool = False):
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder)
+        m = self.manifest
+        self.block_size = int(m["block_size"])
+        self.vocab_size = int(m["vocab_size"])
+        self.eos_token_id = m["eos_token_id"]
+        self.dtype = np.dtype(m["dtype"])
+        self._check_files(verify)
+        self.splits = {name: SplitBlocks(self.folder, name, info, self.block_size, self.dtype)
+                       for name, info in m["splits"].items()}
+
+    def _check_files(self, verify: bool) -> None:
+        block_bytes = self.block_size * self.dtype.itemsize
+        for name, info in self.manifest["splits"].items():
+            for shard in info["shards"]:
+                path = self.folder / shard["file"]
+                if not path.is_file():
+                    raise UserError(f"{path}: shard listed in the manifest is missing; re-run prepare")
+                expected = int(shard["n_blocks"]) * block_bytes
+                size = path.stat().st_size
+                if size != expected:
+                    raise UserError(f"{path}: {size} bytes, the manifest says {shard['n_blocks']} blocks = "
+                                    f"{expected} bytes (truncated or corrupted); re-run prepare with --overwrite")
+                if verify and file_sha256(path) != shard["sha256"]:
+                    raise UserError(f"{path}: sha256 does not match the manifest (corrupted); "
+                                    f"re-run prepare with --overwrite")
+
+    def split(self, name: str) -> SplitBlocks:
+        if name not in self.splits:
+            raise UserError(f"{self.folder}: no split {name!r}; splits here: {', '.join(self.splits)}")
+        return self.splits[name]
+
+    def check_model(self, vocab_size: int, n_positions: int, what: str = "the model") -> None:
+        """The data must fit the model: every id < vocab_size and block_size <= n_positions."""
+        if self.vocab_size > vocab_size:
+            raise UserError(f"{self.folder / MANIFEST}: vocab_size {self.vocab_size} (tokenizer "
+                            f"{self.manifest.get('tokenizer', {}).get('name')}) exceeds {what}'s {vocab_size}; "
+                            f"prepare the data with the model's tokenizer (--data.tokenizer)")
+        if self.block_size > n_positions:
+            raise UserError(f"{self.folder / MANIFEST}: block_size {self.block_size} exceeds {what}'s "
+                            f"{n_positions} positions; prepare with --data.block_size<={n_positions}")
+
+    def close(self) -> None:
+        for s in self.splits.values():
+            s.close()

@@ -1,0 +1,307 @@
+"""`distclm prepare`: documents -> tokens -> fixed blocks -> shards + manifest, in one streaming pass.
+
+    read + extract (main thread) -> tokenize (thread pool, results taken in submission order)
+      -> EOS after each document -> per-split Packer -> SplitWriter shards -> manifest.json last
+
+Memory is bounded by the chunks in flight (2 per worker, ~1 MB of text each) whatever the corpus
+size. Output depends only on the documents and the settings that the fingerprint covers: not on
+worker count, chunk size or timing. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from distclm import __version__
+from distclm.config import Config, num_workers, to_yaml
+from distclm.data import sources
+from distclm.data.blocks import FORMAT, MANIFEST, VERSION, SplitWriter, atomic_write, dump_json, read_manifest
+from distclm.data.pack import Packer, concat_docs, token_dtype
+from distclm.data.tokenize import Tokenizer, load_tokenizer
+from distclm.errors import UserError
+
+STATE = ".prepare-state.json"
+CHUNK_CHARS = 1 << 20  # ~1 MB of text per tokenize task: large enough to amortise, small for memory
+CHUNK_DOCS = 4096
+
+
+def split_of(position: int, seed: int, val_fraction: float) -> str:
+    """Seeded per-document split: depends on the document's position only, not on batching or workers."""
+    digest = hashlib.blake2b(f"{seed}:{position}".encode(), digest_size=8).digest()
+    return "validation" if int.from_bytes(digest, "little") / 2**64 < val_fraction else "train"
+
+
+def source_specs(cfg: Config) -> list[tuple[str | None, sources.SourceSpec]]:
+    """(fixed split or None for a carved one, spec) for each stream to read, in order."""
+    d = cfg.data
+    if not d.source:
+        raise UserError("--data.source is required: a hub dataset id, a local file/folder/glob, or `pydoc`")
+    base = sources.SourceSpec(d.source, d.config, d.split, d.revision, d.max_docs, d.text_field,
+                              d.join_with, d.txt_mode)
+    if d.val_split is None:
+        return [(None, base)]
+    if sources.is_local(d.source):
+        val = sources.SourceSpec(d.val_split, None, d.split, None, None, d.text_field, d.join_with, d.txt_mode)
+    else:
+        val = sources.SourceSpec(d.source, d.config, d.val_split, d.revision, None, d.text_field,
+                                 d.join_with, d.txt_mode)
+    return [("train", base), ("validation", val)]
+
+
+def _input_identity(spec: sources.SourceSpec) -> list:
+    """Local files and sizes (not mtimes or absolute paths: the manifest must not depend on them)."""
+    if spec.source == "pydoc" or not sources.is_local(spec.source):
+        return []
+    files = sources.local_files(spec.source)
+    return [[os.path.basename(f), os.path.getsize(f)] for f in files]
+
+
+def settings(cfg: Config, tok: Tokenizer) -> dict:
+    """Everything that decides the output bytes; its hash is the fingerprint."""
+    d = cfg.data
+    specs = source_specs(cfg)
+    return {
+        "source": {"source": d.source, "config": d.config, "split": d.split, "revision": d.revision,
+                   "text_field": d.text_field, "join_with": d.join_with, "max_docs": d.max_docs,
+                   "txt_mode": d.txt_mode, "eos_between_docs": d.eos_between_docs, "val_fraction": d.val_fraction,
+                   "val_docs": d.val_docs, "val_split": d.val_split, "seed": d.seed,
+                   "files": [_input_identity(spec) for _, spec in specs]},
+        "block_size": d.block_size, "shard_blocks": d.shard_blocks,
+        "tokenizer": {"name": d.tokenizer, "sha256": tok.sha256},
+    }
+
+
+def fingerprint(s: dict) -> str:
+    return hashlib.sha256(dump_json(s)).hexdigest()
+
+
+class Chunk:
+    """A run of consecutive documents: their split labels and text."""
+
+    __slots__ = ("end", "labels", "texts")
+
+    def __init__(self, end: int, labels: list[str], texts: list[str]):
+        self.end, self.labels, self.texts = end, labels, texts
+
+
+def _labelled_docs(cfg: Config, start: int) -> Iterator[tuple[str, str]]:
+    """(split, text) for each document from position `start` on, with the split decided per document."""
+    d = cfg.data
+    streams = []
+    val_set = None
+    for fixed, spec in source_specs(cfg):
+        if fixed is None and d.val_docs is not None:
+            # An exact count needs the number of documents: one cheap pass that only counts records.
+            n = sum(1 for _ in islice(sources.records(spec), spec.max_docs))
+            if d.val_docs >= n:
+                raise UserError(f"--data.val_docs={d.val_docs} leaves no training document ({n} documents)")
+            rng = np.random.default_rng(d.seed)
+            val_set = set(rng.choice(n, size=d.val_docs, replace=False).tolist())
+        streams.append((fixed, sources.documents(spec)))
+    position = 0
+    for fixed, docs in streams:
+        for text in docs:
+            if position >= start:
+                if fixed is not None:
+                    label = fixed
+                elif val_set is not None:
+                    label = "validation" if position in val_set else "train"
+                else:
+                    label = split_of(position, d.seed, d.val_fraction)
+                yield label, text
+            position += 1
+
+
+def _chunks(docs: Iterator[tuple[str, str]], start: int) -> Iterator[Chunk]:
+    labels, texts, chars, position = [], [], 0, start
+    for label, text in docs:
+        labels.append(label)
+        texts.append(text)
+        chars += len(text)
+        position += 1
+        if chars >= CHUNK_CHARS or len(texts) >= CHUNK_DOCS:
+            yield Chunk(position, labels, texts)
+            labels, texts, chars = [], [], 0
+    if texts:
+        yield Chunk(position, labels, texts)
+
+
+def _encode(tok: Tokenizer, chunk: Chunk, eos: int | None, dtype: np.dtype) -> dict[str, tuple[np.ndarray, int]]:
+    """Tokenize one chunk -> {split: (flat tokens with EOS, non-empty docs)}. Runs in a worker thread."""
+    ids = tok.encode_batch(chunk.texts)
+    out = {}
+    for split in ("train", "validation"):
+        docs = [d for d, label in zip(ids, chunk.labels) if label == split and d]  # empty documents add nothing
+        if docs:
+            out[split] = (concat_docs(docs, eos, dtype), len(docs))
+    return out
+
+
+class Prepared:
+    """What a prepare run produced (for the CLI's summary line)."""
+
+    def __init__(self, manifest: dict, seconds: float, reused: bool, backend: str):
+        self.manifest, self.seconds, self.reused, self.backend = manifest, seconds, reused, backend
+
+
+def prepare(cfg: Config, progress=None, overwrite: bool = False) -> Prepared:
+    """Run prepare into `cfg.data.dir`; returns at once when a complete output with the same fingerprint is there."""
+    d = cfg.data
+    if not d.dir:
+        raise UserError("--data.dir is required: the folder to write the blocks to")
+    t0 = time.perf_counter()
+    out = Path(d.dir)
+    specs = source_specs(cfg)
+    for _, spec in specs:  # fail on a missing file before loading the tokenizer
+        if sources.is_local(spec.source):
+            sources.local_files(spec.source)
+    tok = load_tokenizer(d.tokenizer, num_threads=1)
+    if tok.max_length is not None and d.block_size > tok.max_length:
+        raise UserError(f"--data.block_size={d.block_size} exceeds the tokenizer's maximum length {tok.max_length}")
+    s = settings(cfg, tok)
+    fp = fingerprint(s)
+
+    state = _check_out_dir(out, fp, overwrite or cfg.run.overwrite)
+    if state == "complete":
+        return Prepared(read_manifest(out), time.perf_counter() - t0, True, tok.backend)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "prepare.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+
+    dtype = token_dtype(tok.vocab_size)
+    eos = tok.eos_token_id if d.eos_between_docs else None
+    writers, packers, start = {}, {}, 0
+    for split in ("train", "validation"):
+        saved = (state or {}).get("splits", {}).get(split, {})
+        writers[split] = SplitWriter(out, split, d.block_size, dtype, d.shard_blocks,
+                                     shards=saved.get("shards", []), open_blocks=saved.get("open_blocks", 0),
+                                     n_docs=saved.get("n_docs", 0), n_tokens=saved.get("n_tokens", 0))
+        packers[split] = Packer(d.block_size, dtype, np.array(saved.get("carry", []), dtype))
+    if state:
+        start = state["next_doc"]
+        if progress:
+            progress.note(f"resuming an interrupted prepare from document {start}")
+
+    def save_state(next_doc: int) -> None:
+        for w in writers.values():
+            w.sync()
+        splits = {k: {**w.state(), "carry": packers[k].carry.tolist()} for k, w in writers.items()}
+        atomic_write(out / STATE, dump_json({"fingerprint": fp, "next_doc": next_doc, "splits": splits}))
+
+    workers = num_workers(d)
+    docs_done, bytes_done = 0, 0
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque = deque()
+
+        def drain(limit: int) -> None:
+            nonlocal docs_done, bytes_done
+            while len(pending) > limit:
+                chunk, future = pending.popleft()
+                completed = False
+                for split, (tokens, n_docs) in future.result().items():
+                    w = writers[split]
+                    w.n_docs += n_docs
+                    w.n_tokens += len(tokens)
+                    blocks = packers[split].feed(tokens)
+                    completed |= w.write(blocks)
+                    bytes_done += blocks.nbytes
+                    docs_done += n_docs
+                if completed:
+                    save_state(chunk.end)
+                if progress:
+                    progress.update(docs=docs_done, tokens=sum(w.n_tokens for w in writers.values()),
+                                    bytes=bytes_done)
+
+        try:
+            for chunk in _chunks(_labelled_docs(cfg, start), start):
+                pending.append((chunk, pool.submit(_encode, tok, chunk, eos, dtype)))
+                drain(2 * workers)
+            drain(0)
+        except ValueError as exc:  # an id that does not fit the dtype
+            raise UserError(f"--data.tokenizer={d.tokenizer}: {exc}") from None
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+    for w in writers.values():
+        w.finish()
+    splits = {k: w.summary(packers[k].dropped) for k, w in writers.items()}
+    if splits["train"]["n_blocks"] == 0:
+        _cleanup(out)
+        total = sum(w.n_tokens for w in writers.values())
+        raise UserError(f"--data.source={d.source}: the corpus gave no training block ({total} tokens in "
+                        f"{sum(w.n_docs for w in writers.values())} non-empty documents, block_size {d.block_size}); "
+                        f"check --data.text_field, --data.max_docs and --data.block_size")
+    manifest = {
+        "format": FORMAT, "version": VERSION, "dtype": dtype.name, "block_size": d.block_size,
+        "vocab_size": tok.vocab_size, "eos_token_id": tok.eos_token_id,
+        "tokenizer": {"name": d.tokenizer, "sha256": tok.sha256},
+        "source": {**{k: v for k, v in s["source"].items() if k != "files"}, "fingerprint": fp},
+        "shard_blocks": d.shard_blocks, "splits": splits, "distclm_version": __version__,
+    }
+    atomic_write(out / MANIFEST, dump_json(manifest))
+    (out / STATE).unlink(missing_ok=True)
+    return Prepared(manifest, time.perf_counter() - t0, False, tok.backend)
+
+
+def _check_out_dir(out: Path, fp: str, overwrite: bool):
+    """'complete' (same fingerprint, done), a resume state, or None (fresh). Refuses another fingerprint."""
+    manifest_path, state_path = out / MANIFEST, out / STATE
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise UserError(f"--data.dir={out}: exists and is not a folder")
+    other = None
+    if manifest_path.exists():
+        try:
+            old = json.loads(manifest_path.read_text(encoding="utf-8"))
+            old_fp = old.get("source", {}).get("fingerprint")
+        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+            old_fp = None
+        if old_fp == fp and not overwrite:
+            return "complete"
+        other = "a complete prepare of other settings"
+    elif state_path.exists():
+        try:
+            state = json.loads(state_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            state = {}
+        if state.get("fingerprint") == fp and not overwrite:
+            return state
+        other = "an interrupted prepare of other settings"
+    if other and not overwrite:
+        raise UserError(f"--data.dir={out} holds {other}; choose another --data.dir or pass --overwrite to replace it")
+    _cleanup(out)
+    return None
+
+
+def _cleanup(out: Path) -> None:
+    """Remove distclm's own files from a data folder (nothing else)."""
+    if not out.is_dir():
+        return
+    for p in out.iterdir():
+        if p.name in (MANIFEST, STATE, "prepare.yaml", MANIFEST + ".tmp", STATE + ".tmp") or \
+                p.name.endswith((".bin", ".bin.partial")):
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+
+
+def describe(manifest: dict) -> dict:
+    """A flat summary for `inspect` and the CLI."""
+    return {k: manifest[k] for k in ("dtype", "block_size", "vocab_size", "eos_token_id")} | {
+        "tokenizer": manifest["tokenizer"]["name"], "source": manifest["source"]["source"],
+        "splits": {k: {f: v[f] for f in ("n_docs", "n_tokens", "n_blocks", "dropped_tokens")}
+                   for k, v in manifest["splits"].items()}}
+
