@@ -169,23 +169,33 @@ def _pydoc_records() -> Iterator[dict]:
 
 
 def _hub_records(spec: SourceSpec) -> Iterator[dict]:
+    from distclm.hub import ensure_offline_if_unreachable, offline_hint
+
+    reachable = ensure_offline_if_unreachable()
     try:
         import datasets
     except ImportError:
         raise UserError("reading a hub dataset needs the `datasets` package: pip install datasets") from None
-    hint = (f"offline, download it elsewhere and pass local files (--data.source=/path/to/*.parquet or .jsonl, "
-            f"same --data.text_field)")
+    where = f"--data.source={spec.source} (config={spec.config}, split={spec.split}, revision={spec.revision})"
+    local = ("pass local files instead: --data.source=/path/to/*.parquet|*.jsonl with the same "
+             f"--data.text_field={spec.text_field}")
     try:
         ds = datasets.load_dataset(spec.source, spec.config, split=spec.split, revision=spec.revision,
                                    streaming=True)
+        it = iter(ds)
+        first = next(it, None)
     except Exception as exc:  # noqa: BLE001 - hub/network/builder errors all mean "cannot load it"
-        msg = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-        if "script" in msg.lower() and spec.revision is None:
-            hint = "it is a script dataset: try --data.revision=refs/convert/parquet; " + hint
-        raise UserError(f"--data.source={spec.source}: cannot load the hub dataset "
-                        f"(config={spec.config}, split={spec.split}, revision={spec.revision}): "
-                        f"{type(exc).__name__}: {msg}; {hint}") from None
-    yield from ds
+        msg = (str(exc).splitlines() or [""])[0][:300] or type(exc).__name__
+        if not reachable:
+            why = offline_hint("dataset", "--data.source")
+        elif "script" in msg.lower() and spec.revision is None:
+            why = f"{msg}; it is a script dataset: try --data.revision=refs/convert/parquet"
+        else:
+            why = f"{type(exc).__name__}: {msg}"
+        raise UserError(f"{where}: cannot load the hub dataset: {why}; or {local}") from None
+    if first is not None:
+        yield first
+        yield from it
 
 
 def records(spec: SourceSpec) -> Iterator[dict]:

@@ -63,30 +63,48 @@ def _files_sha256(folder: Path) -> str:
 
 
 def load_hf_tokenizer(spec: str):
-    """The transformers tokenizer for `gpt2` (vendored), a local folder or a hub id."""
-    from transformers import AutoTokenizer
+    """The transformers fast tokenizer for `gpt2` (vendored), a local folder or a hub id -> (tokenizer, folder).
 
+    `PreTrainedTokenizerFast` rather than `AutoTokenizer`: the latter imports torch (~1.2 s, ~220 MB),
+    which prepare must not pay. It reads tokenizer.json; a repo with only slow-tokenizer files goes
+    through AutoTokenizer.
+    """
     if spec == "gpt2":
         from transformers import GPT2TokenizerFast
 
-        return GPT2TokenizerFast.from_pretrained(str(VENDORED_GPT2)), VENDORED_GPT2
-    folder = Path(spec)
-    if spec.startswith((".", "/", "~")) or folder.exists():
-        folder = folder.expanduser()
-        if not folder.is_dir():
-            raise UserError(f"--data.tokenizer={spec}: no such folder")
-        try:
-            return AutoTokenizer.from_pretrained(str(folder), use_fast=True), folder
-        except (OSError, ValueError) as exc:
-            raise UserError(f"--data.tokenizer={spec}: cannot load a tokenizer from this folder "
-                            f"({str(exc).splitlines()[0][:200]})") from None
+        tok = GPT2TokenizerFast.from_pretrained(str(VENDORED_GPT2))
+        tok.model_max_length = 1024  # GPT-2's n_positions; the vendored files carry no tokenizer_config
+        return tok, VENDORED_GPT2
+    folder = Path(spec).expanduser()
+    local = spec.startswith((".", "/", "~")) or folder.exists()
+    if local and not folder.is_dir():
+        raise UserError(f"--data.tokenizer={spec}: no such folder")
+    if not local:
+        from distclm.hub import ensure_offline_if_unreachable
+
+        ensure_offline_if_unreachable()
     try:
-        return AutoTokenizer.from_pretrained(spec, use_fast=True), None
-    except Exception as exc:  # noqa: BLE001 - hub errors come in many types; all mean "not loadable"
-        raise UserError(
-            f"--data.tokenizer={spec}: cannot load it from the Hugging Face Hub ({type(exc).__name__}); "
-            f"offline, download it elsewhere and pass the local folder (--data.tokenizer=/path/to/folder), "
-            f"or use the vendored --data.tokenizer=gpt2") from None
+        return _from_pretrained(str(folder) if local else spec), (folder if local else None)
+    except Exception as exc:  # noqa: BLE001 - hub and file errors come in many types; all mean "not loadable"
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        if local:
+            raise UserError(f"--data.tokenizer={spec}: cannot load a tokenizer from this folder ({first})") from None
+        from distclm.hub import hub_reachable, offline_hint
+
+        why = offline_hint("tokenizer", "--data.tokenizer") if not hub_reachable() else first
+        raise UserError(f"--data.tokenizer={spec}: cannot load it from the Hugging Face Hub: {why}; "
+                        f"or use the vendored --data.tokenizer=gpt2") from None
+
+
+def _from_pretrained(name: str):
+    from transformers import PreTrainedTokenizerFast
+
+    try:
+        return PreTrainedTokenizerFast.from_pretrained(name)
+    except (ValueError, OSError):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(name, use_fast=True)
 
 
 def bytes_to_unicode() -> dict[int, str]:
