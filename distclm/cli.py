@@ -22,6 +22,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
                 "distclm prepare --data.source=SRC --data.dir=OUT [--overwrite]"),
     "inspect": ("Summarise a prepared folder and decode its first block.",
                 "distclm inspect OUT [--verify]"),
+    "train": ("Train a causal LM on prepared blocks (1 process, torchrun, deepspeed or accelerate launch).",
+              "distclm train --data.dir=OUT --model.name=MODEL [--run.dir=RUN] [--train.strategy=ddp|zero1|zero2|zero3]"),
+    "eval": ("Token-weighted perplexity of a model on a prepared split, across any number of processes.",
+             "distclm eval --model.name=RUN|HF_DIR|HUB_ID --data.dir=OUT [--eval.output=result.json]"),
 }
 
 # Flags outside the --section.key scheme: name -> (takes a value, help).
@@ -95,6 +99,11 @@ def parse(argv: list[str]) -> Invocation | None:
                 raise UserError(f"--{name} expects a value (--{name}=VALUE)")
             elif takes_value:
                 raise UserError(f"--{name} expects a value")
+            elif i < len(args) and args[i].lower() in config._TRUE | config._FALSE:
+                # `--data.eos_between_docs false`: the value form every field accepts; left as a
+                # positional it was ignored and the bare flag silently meant true.
+                value = args[i]
+                i += 1
             else:
                 value = "true"
         if is_field:
@@ -222,9 +231,24 @@ def _decode(tokenizer: str, ids: list[int]) -> str:
         return f"(tokenizer {tokenizer} not loadable here; ids) {ids}"
 
 
+def cmd_train(inv: Invocation) -> int:
+    from distclm.train import train
+
+    train(inv.cfg)
+    return 0
+
+
+def cmd_eval(inv: Invocation) -> int:
+    from distclm.evaluation import eval_command
+
+    return eval_command(inv.cfg)
+
+
 HANDLERS: dict[str, Callable[[Invocation], int]] = {
     "prepare": cmd_prepare,
     "inspect": cmd_inspect,
+    "train": cmd_train,
+    "eval": cmd_eval,
 }
 
 

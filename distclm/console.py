@@ -68,3 +68,103 @@ class PrepareProgress:
         if self._rich is not None:
             self._rich.stop()
             self._rich = None
+
+
+def _fmt_eta(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds or seconds == float("inf"):
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class TrainConsole:
+    """Rank 0's view of training. Terminal: a rich live panel. Otherwise: a plain ASCII line every interval_s.
+
+    `update` takes the same record that goes to metrics.jsonl, plus display-only fields.
+    """
+
+    def __init__(self, total_steps: int, interval_s: float = 10.0, tty: bool | None = None, title: str = "train"):
+        self.enabled = dist.is_rank0()
+        self.tty = stdout_is_tty() if tty is None else tty
+        self.total_steps = total_steps
+        self.interval_s = interval_s
+        self.title = title
+        self._last_print = 0.0
+        self._live = None
+        self._smoothed = None
+        self.last_eval: dict | None = None
+
+    def start(self) -> None:
+        if self.enabled and self.tty:
+            from rich.live import Live
+
+            self._live = Live(self._panel({}), refresh_per_second=4, transient=False)
+            self._live.start()
+
+    def _panel(self, r: dict):
+        from rich.panel import Panel
+        from rich.table import Table
+
+        grid = Table.grid(padding=(0, 2))
+        for _ in range(4):
+            grid.add_column(justify="right", style="bold")
+            grid.add_column()
+        mfu = r.get("mfu")
+        ev = self.last_eval
+        rows = [
+            ("step", f"{r.get('step', 0)}/{self.total_steps}", "epoch", f"{r.get('epoch', 0):.2f}",
+             "loss", f"{self._smoothed:.4f}" if self._smoothed is not None else "-",
+             "lr", f"{r.get('lr', 0):.2e}"),
+            ("tok/s", human(r.get("tokens_per_s") or 0), "tok/s/dev", human(r.get("tokens_per_s_per_device") or 0),
+             "samples/s", f"{r.get('samples_per_s') or 0:.1f}", "MFU", f"{mfu:.1%}" if mfu is not None else "n/a"),
+            ("grad norm", f"{r.get('grad_norm', 0):.3f}", "memory", human(r.get("mem_bytes") or 0, "B"),
+             "elapsed", _fmt_eta(r.get("elapsed_s")), "ETA", _fmt_eta(r.get("eta_s"))),
+            ("eval ppl", f"{ev['eval_perplexity']:.2f}" if ev else "-", "eval loss",
+             f"{ev['eval_loss']:.4f}" if ev else "-", "", "", "", ""),
+        ]
+        for row in rows:
+            grid.add_row(*row)
+        return Panel(grid, title=f"distclm {self.title}", border_style="cyan")
+
+    def update(self, record: dict, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        loss = record.get("loss")
+        if loss is not None and loss == loss:
+            self._smoothed = loss if self._smoothed is None else 0.9 * self._smoothed + 0.1 * loss
+        if self._live is not None:
+            self._live.update(self._panel(record))
+            return
+        import time
+
+        now = time.monotonic()
+        if force or now - self._last_print >= self.interval_s:
+            self._last_print = now
+            mfu = record.get("mfu")
+            ev = f" eval_ppl {self.last_eval['eval_perplexity']:.2f}" if self.last_eval else ""
+            print(f"step {record['step']}/{self.total_steps} epoch {record['epoch']:.2f} "
+                  f"loss {record['loss']:.4f} lr {record['lr']:.2e} grad_norm {record['grad_norm']:.3f} "
+                  f"tok/s {human(record.get('tokens_per_s') or 0)} "
+                  f"({human(record.get('tokens_per_s_per_device') or 0)}/dev) "
+                  f"mfu {'n/a' if mfu is None else f'{mfu:.1%}'} mem {human(record.get('mem_bytes') or 0, 'B')} "
+                  f"elapsed {_fmt_eta(record.get('elapsed_s'))} eta {_fmt_eta(record.get('eta_s'))}{ev}", flush=True)
+
+    def eval(self, record: dict) -> None:
+        self.last_eval = record
+        self.print(f"eval step {record['step']}: loss {record['eval_loss']:.4f} "
+                   f"perplexity {record['eval_perplexity']:.2f} ({record['eval_tokens']:,} tokens)")
+
+    def print(self, line: str) -> None:
+        if not self.enabled:
+            return
+        if self._live is not None:
+            self._live.console.print(line)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None

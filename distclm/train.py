@@ -1,0 +1,301 @@
+"""`distclm train`: the step loop, in small named steps.
+
+    reader + model -> engine (DDP | ZeRO via accel.py) -> for each global step:
+        blocks of this rank (sampler) -> accum micro-batches forward/backward -> optimizer step
+        -> log (metrics.jsonl, console) -> eval (every N steps, each epoch end) -> checkpoint
+
+Loss reported per step: mean over all ranks and micro-batches. Every block predicts the same number
+of tokens (block_size - 1), so this mean is the token-weighted mean of the global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distclm import dist
+from distclm.config import Config, to_yaml
+from distclm.console import TrainConsole
+from distclm.data.blocks import BlockReader, SplitBlocks
+from distclm.data.loader import BlockSampler
+from distclm.errors import UserError
+from distclm.metrics import MetricsFile, ThroughputMeter, flops_per_token, peak_tflops_for
+from distclm.model import load_model, n_params
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up
+
+
+def default_run_dir(cfg: Config) -> str:
+    model = Path(cfg.model.name.rstrip("/")).name
+    return str(Path("runs") / f"{model}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+
+
+def agree_on_run_dir(cfg: Config, accelerator) -> Path:
+    """Rank 0 names the run dir (a timestamp by default) and every rank takes its choice."""
+    from accelerate.utils import broadcast_object_list
+
+    chosen = [cfg.run.dir or default_run_dir(cfg)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(chosen, from_process=0)
+    cfg.run.dir = chosen[0]
+    return Path(chosen[0])
+
+
+def set_seed(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def device_name(device: torch.device) -> str | None:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else None
+
+
+def memory_bytes(device: torch.device) -> int:
+    """Peak allocated device memory on GPU; resident memory of this process on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+# ---------------------------------------------------------------------------------------------
+# One step
+
+
+def micro_batches(blocks: SplitBlocks, ids: np.ndarray, device: torch.device) -> torch.Tensor:
+    """(accum, micro) block ids -> token ids (accum, micro, T) on the device."""
+    a, m = ids.shape
+    x = blocks.batch(ids.reshape(-1)).astype(np.int64).reshape(a, m, -1)
+    return torch.from_numpy(x).to(device, non_blocking=True)
+
+
+def forward_loss(model, x: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss of a micro-batch (B, T): the model shifts labels inside."""
+    return model(input_ids=x, labels=x, use_cache=False).loss
+
+
+def train_step(engine, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """One optimizer step over (accum, micro, T) tokens -> (this rank's mean loss, grad norm)."""
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    for micro in x:
+        with engine.no_sync():  # gradients are all-reduced on the last micro-batch only
+            loss = forward_loss(engine.model, micro)
+            engine.micro_step(loss)
+        total += loss.detach().double()
+    grad_norm = engine.optimizer_step()
+    return total / x.size(0), grad_norm
+
+
+def global_mean(value: torch.Tensor) -> float:
+    """Mean of a per-rank scalar over ranks (all ranks give the same number of tokens)."""
+    v = value.reshape(1).clone()
+    dist.all_reduce_sum(v)
+    return float(v.item()) / dist.world_size()
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class Run:
+    """What the loop carries: the parts, the data order and the outputs."""
+
+    cfg: Config
+    dir: Path
+    engine: object
+    train_blocks: SplitBlocks
+    eval_blocks: SplitBlocks | None
+    sampler: BlockSampler
+    total_steps: int
+    console: TrainConsole
+    metrics: MetricsFile
+    meter: ThroughputMeter
+    start_step: int = 0
+    history: list = field(default_factory=list)
+
+
+def total_steps_for(cfg: Config, sampler: BlockSampler) -> int:
+    if cfg.train.max_steps is not None:
+        return cfg.train.max_steps
+    return cfg.train.epochs * sampler.steps_per_epoch
+
+
+def build_run(cfg: Config) -> Run:
+    from distclm.accel import build_engine, pick_backend
+
+    t = cfg.train
+    if not cfg.data.dir:
+        raise UserError("--data.dir is required: a folder made by `distclm prepare`")
+    if not cfg.model.name:
+        raise UserError("--model.name is required: a hub id, a Hugging Face folder, a run dir, or gpt2-tiny")
+    pick_backend(cfg)  # fail on nccl-without-GPU before any process group
+    reader = BlockReader(cfg.data.dir)
+    train_blocks = reader.split("train")
+    eval_blocks = reader.splits.get(cfg.eval.split)
+    set_seed(t.seed)  # the same initial weights on every rank
+    model = load_model(cfg.model.name, cfg.model.trust_remote_code)
+    reader.check_model(model.config.vocab_size, model.config.n_positions, f"--model.name={cfg.model.name}")
+    world = dist.world_size()
+    sampler = BlockSampler(len(train_blocks), t.micro_batch_size, t.grad_accum, world, t.seed)
+    if sampler.steps_per_epoch == 0:
+        raise UserError(f"{cfg.data.dir}: {len(train_blocks)} train blocks are fewer than one global batch "
+                        f"({t.micro_batch_size} micro x {t.grad_accum} accum x {world} processes); "
+                        f"lower --train.micro_batch_size or --train.grad_accum")
+    total = total_steps_for(cfg, sampler)
+    n_pos = model.config.n_positions * model.config.n_embd
+    fpt = flops_per_token(n_params(model), model.config.n_layer, model.config.n_embd, reader.block_size, n_pos)
+
+    # The engine creates the process group; the run dir is agreed on through it.
+    engine = build_engine(cfg, model, total, on_accelerator=lambda acc: _setup_run_dir(cfg, acc))
+    run_dir = Path(cfg.run.dir)
+    peak = peak_tflops_for(device_name(engine.device), cfg.log.peak_tflops)
+    console = TrainConsole(total, cfg.log.interval_s)
+    metrics = MetricsFile(run_dir / "metrics.jsonl", enabled=dist.is_rank0())
+    meter = ThroughputMeter(fpt, world, peak)
+    return Run(cfg, run_dir, engine, train_blocks, eval_blocks, sampler, total, console, metrics, meter)
+
+
+def _setup_run_dir(cfg: Config, accelerator) -> Path:
+    run_dir = agree_on_run_dir(cfg, accelerator)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+    accelerator.wait_for_everyone()
+    return run_dir
+
+
+def log_block_ids(run: Run, step: int, ids: np.ndarray) -> None:
+    if run.cfg.log.block_ids:
+        with open(run.dir / f"block_ids-rank{dist.rank()}.txt", "a", encoding="utf-8") as fh:
+            fh.write(f"{step} " + " ".join(map(str, ids.reshape(-1).tolist())) + "\n")
+
+
+def should_log(run: Run, step: int) -> bool:
+    every = run.cfg.log.every_steps
+    return step == run.start_step + 1 or step == run.total_steps or (every > 0 and step % every == 0)
+
+
+def run_eval(run: Run, step: int) -> dict | None:
+    from distclm.evaluation import evaluate
+
+    if run.eval_blocks is None or len(run.eval_blocks) == 0:
+        return None
+    result = evaluate(run.engine.model, run.eval_blocks, run.cfg.eval.batch_size, run.engine.device,
+                      collective_forward=run.cfg.train.strategy == "zero3")
+    record = {"type": "eval", "step": step, "epoch": step / run.sampler.steps_per_epoch,
+              "eval_loss": result["loss"], "eval_perplexity": result["perplexity"], "eval_tokens": result["tokens"]}
+    run.metrics.write(record)
+    run.console.eval(record)
+    return record
+
+
+def train_loop(run: Run) -> dict:
+    cfg, engine, sampler = run.cfg, run.engine, run.sampler
+    rank, world = dist.rank(), dist.world_size()
+    block_size = run.train_blocks.block_size
+    tokens_per_step = sampler.global_batch * block_size
+    t0 = time.perf_counter()
+    engine.model.train()
+    run.console.start()
+    last_eval = None
+    losses = []
+    for step in range(run.start_step, run.total_steps):
+        ids = sampler.rank_indices(step, rank)
+        log_block_ids(run, step + 1, ids)
+        x = micro_batches(run.train_blocks, ids, engine.device)
+        lr = engine.lr  # the lr this step uses (the schedule moves on inside train_step)
+        loss_local, grad_norm = train_step(engine, x)
+        loss = global_mean(loss_local)
+        done = step + 1
+        run.meter.update(tokens_per_step)
+        losses.append(loss)
+        elapsed = time.perf_counter() - t0
+        tps = run.meter.tokens_per_s
+        record = {"type": "train", "step": done, "epoch": done / sampler.steps_per_epoch, "loss": loss,
+                  "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
+                  "tokens_per_s_per_device": tps / world if tps else None, "mfu": run.meter.mfu,
+                  "mem_bytes": memory_bytes(engine.device), "elapsed_s": elapsed}
+        if should_log(run, done):
+            run.metrics.write(record)
+            run.history.append(record)
+        eta = elapsed / (done - run.start_step) * (run.total_steps - done)
+        run.console.update({**record, "eta_s": eta,
+                            "samples_per_s": tps / block_size if tps else None}, force=done == run.total_steps)
+        epoch_end = done % sampler.steps_per_epoch == 0
+        every = cfg.eval.every_steps
+        if epoch_end or (every and done % every == 0) or done == run.total_steps:
+            last_eval = run_eval(run, done) or last_eval
+    run.console.close()
+    wall = time.perf_counter() - t0
+    steps = run.total_steps - run.start_step
+    return {"steps": run.total_steps, "steps_this_run": steps, "wall_s": wall,
+            "tokens": steps * tokens_per_step, "tokens_per_s": steps * tokens_per_step / wall if wall else None,
+            "final_loss": losses[-1] if losses else None, "world_size": world,
+            "eval_perplexity": last_eval["eval_perplexity"] if last_eval else None,
+            "eval_loss": last_eval["eval_loss"] if last_eval else None}
+
+
+def write_summary(run: Run, summary: dict) -> None:
+    if not dist.is_rank0():
+        return
+    (run.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    plot_curves(run.dir / "metrics.jsonl", run.dir / "curves.png")
+
+
+def plot_curves(metrics_path: Path, out: Path) -> None:
+    """Loss and tokens/s against step (the last record of a repeated step counts)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, evals = {}, {}
+    for line in metrics_path.read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        (train if r["type"] == "train" else evals)[r["step"]] = r
+    steps = sorted(train)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax1.plot(steps, [train[s]["loss"] for s in steps], label="train loss")
+    if evals:
+        es = sorted(evals)
+        ax1.plot(es, [evals[s]["eval_loss"] for s in es], "o-", label="eval loss")
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("loss")
+    ax1.legend()
+    tps = [(s, train[s]["tokens_per_s"]) for s in steps if train[s]["tokens_per_s"]]
+    if tps:
+        ax2.plot(*zip(*tps))
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("tokens/s (global)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def train(cfg: Config) -> dict:
+    """Entry point: build, run, write the summary, clean up in `finally`."""
+    from distclm.accel import destroy
+
+    try:
+        run = build_run(cfg)
+        summary = train_loop(run)
+        write_summary(run, summary)
+        run.console.print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
+                          f"{summary['tokens_per_s']:.0f} tokens/s, run dir {run.dir}")
+        return summary
+    finally:
+        destroy()
+
