@@ -90,9 +90,18 @@ class SplitWriter:
     def _open(self):
         if self._fh is None:
             path = self._partial()
+            keep = self.open_blocks * self.block_size * self.dtype.itemsize
+            if keep and not path.exists():
+                # Killed after this shard was renamed into place but before the state that counts it
+                # was saved: its first `open_blocks` blocks are the saved ones, so take it back.
+                final = self.out / shard_name(self.split, len(self.shards))
+                if not final.is_file() or final.stat().st_size < keep:
+                    raise UserError(f"{path}: missing, but the prepare state counts {self.open_blocks} blocks "
+                                    f"in it; rerun prepare with --overwrite")
+                os.replace(final, path)
             self._fh = open(path, "r+b" if path.exists() else "wb")
             # Resume: cut anything past the last saved state (a killed run may have written more).
-            self._fh.truncate(self.open_blocks * self.block_size * self.dtype.itemsize)
+            self._fh.truncate(keep)
             self._fh.seek(0, os.SEEK_END)
         return self._fh
 
