@@ -1,0 +1,101 @@
+"""Tokenizers: the vendored GPT-2 offline, the tiktoken fast path against HF, local folders, hub ids offline."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from conftest import encode_all, pydoc_texts
+from distclm import hub
+from distclm.data.tokenize import PROBE_TEXT, load_tokenizer
+from distclm.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return load_tokenizer("gpt2", num_threads=2)
+
+
+def test_vendored_gpt2_known_ids(gpt2):
+    assert gpt2.encode_batch(["Hello world", " the", "the"]) == [[15496, 995], [262], [1169]]
+    assert gpt2.eos_token_id == 50256
+    assert gpt2.vocab_size == 50257
+    assert gpt2.max_length == 1024
+    assert gpt2.hf.decode([15496, 995]) == "Hello world"
+    assert len(gpt2.sha256) == 64
+
+
+def test_fast_path_equals_hf_on_pydoc(gpt2, hf_gpt2):
+    assert gpt2.backend == "tiktoken"
+    texts = pydoc_texts()
+    assert gpt2.encode_batch(texts) == encode_all(hf_gpt2, texts)
+
+
+def test_hf_backend_gives_the_same_ids(gpt2):
+    slow = load_tokenizer("gpt2", allow_fast_path=False)
+    assert slow.backend == "hf"
+    texts = pydoc_texts()[:10] + [PROBE_TEXT, "", "  leading and trailing  "]
+    assert slow.encode_batch(texts) == gpt2.encode_batch(texts)
+    assert slow.sha256 == gpt2.sha256  # identity is the files, not the backend
+
+
+def test_special_token_in_text_becomes_its_id(gpt2, hf_gpt2):
+    text = "end<|endoftext|>start"
+    assert gpt2.encode_batch([text])[0] == hf_gpt2.encode(text) and 50256 in gpt2.encode_batch([text])[0]
+
+
+def test_local_folder_tokenizer(tmp_path, hf_gpt2, gpt2):
+    folder = tmp_path / "tok"
+    hf_gpt2.save_pretrained(str(folder))
+    local = load_tokenizer(str(folder))
+    assert local.folder == folder
+    assert local.encode_batch(["Hello world", " the"]) == [[15496, 995], [262]]
+    assert (local.eos_token_id, local.vocab_size, local.max_length) == (50256, 50257, 1024)
+    assert local.encode_batch(pydoc_texts()[:20]) == gpt2.encode_batch(pydoc_texts()[:20])
+    # Its identity is the sha256 of its own files: saving again gives the same, editing them changes it.
+    assert local.sha256 == load_tokenizer(str(folder)).sha256
+    (folder / "tokenizer_config.json").write_text((folder / "tokenizer_config.json").read_text() + "\n")
+    assert load_tokenizer(str(folder)).sha256 != local.sha256
+
+
+def test_hub_id_offline_is_one_clear_error():
+    with pytest.raises(UserError) as exc:
+        load_tokenizer("openai-community/gpt2")
+    msg = str(exc.value)
+    assert "\n" not in msg
+    assert msg.startswith("--data.tokenizer=openai-community/gpt2: cannot load it")
+    assert "not reachable" in msg and "--data.tokenizer=DIR" in msg
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("missing", "no such folder"),
+    ("empty", "cannot load a tokenizer from this folder"),
+    ("broken", "cannot load a tokenizer from this folder"),
+])
+def test_local_folder_that_cannot_load(tmp_path, kind, expected):
+    folder = tmp_path / kind
+    if kind != "missing":
+        folder.mkdir()
+    if kind == "broken":
+        (folder / "tokenizer.json").write_text("{")
+    with pytest.raises(UserError) as exc:
+        load_tokenizer(str(folder))
+    assert expected in str(exc.value) and f"--data.tokenizer={folder}" in str(exc.value)
+
+
+def test_hub_probe_says_unreachable_fast(monkeypatch):
+    """The socket probe, not the offline variable: a closed port is 'unreachable' at once."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
+    hub.hub_reachable.cache_clear()
+    try:
+        t0 = time.perf_counter()
+        assert hub.hub_reachable() is False
+        assert time.perf_counter() - t0 < 2.0
+        assert hub.ensure_offline_if_unreachable() is False
+        assert os.environ["HF_HUB_OFFLINE"] == "1"
+    finally:
+        hub.hub_reachable.cache_clear()
