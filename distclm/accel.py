@@ -242,7 +242,10 @@ def build_accelerator(cfg: Config, ds_config: dict | None):
     plugin = DeepSpeedPlugin(hf_ds_config=ds_config) if ds_config is not None else None
     # One plain process has no process group: a backend given to accelerate then breaks its set-up.
     grouped = ds_config is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # Without cpu=True accelerate leaves several CPU processes un-wrapped (no DDP, gradients never
+    # all-reduced, ranks silently diverge); with it, DeepSpeed is silently off. So: cpu=True for DDP only.
     return Accelerator(
+        cpu=not torch.cuda.is_available() and ds_config is None,
         deepspeed_plugin=plugin,
         gradient_accumulation_steps=cfg.train.grad_accum,
         mixed_precision=pick_precision(cfg),

@@ -26,6 +26,7 @@ from distclm.data.blocks import BlockReader, SplitBlocks
 from distclm.data.loader import BlockSampler
 from distclm.errors import UserError
 from distclm.metrics import MetricsFile, ThroughputMeter, flops_per_token, peak_tflops_for
+from distclm.checkpoint import check_compatible, export_run, find_resume, load_checkpoint, save_checkpoint
 from distclm.model import load_model, n_params
 
 
@@ -123,6 +124,7 @@ class Run:
     console: TrainConsole
     metrics: MetricsFile
     meter: ThroughputMeter
+    identity: dict = field(default_factory=dict)
     start_step: int = 0
     history: list = field(default_factory=list)
 
@@ -165,7 +167,35 @@ def build_run(cfg: Config) -> Run:
     console = TrainConsole(total, cfg.log.interval_s)
     metrics = MetricsFile(run_dir / "metrics.jsonl", enabled=dist.is_rank0())
     meter = ThroughputMeter(fpt, world, peak)
-    return Run(cfg, run_dir, engine, train_blocks, eval_blocks, sampler, total, console, metrics, meter)
+    run = Run(cfg, run_dir, engine, train_blocks, eval_blocks, sampler, total, console, metrics, meter,
+              identity=run_identity(cfg, reader, sampler))
+    resume_from = find_resume(run_dir, cfg.run.resume)
+    if resume_from is not None:
+        meta = json.loads((resume_from / "meta.json").read_text())
+        check_compatible(meta, run.identity, resume_from)
+        load_checkpoint(run, resume_from)
+        run.start_step = meta["step"]
+        console.print(f"resumed from {resume_from} at step {run.start_step} "
+                      f"(epoch {meta['epoch']}, step {meta['step_in_epoch']} of it)")
+    return run
+
+
+def run_identity(cfg: Config, reader: BlockReader, sampler: BlockSampler) -> dict:
+    """What a checkpoint must share with this run to be resumed by it."""
+    return {"model": cfg.model.name, "data_fingerprint": reader.manifest["source"].get("fingerprint"),
+            "global_batch": sampler.global_batch, "block_size": reader.block_size, "seed": cfg.train.seed}
+
+
+def checkpoint_meta(run: Run, step: int) -> dict:
+    pos = run.sampler.position(step)
+    return {**run.identity, "step": step, "epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch,
+            "world_size": dist.world_size(), "strategy": run.cfg.train.strategy}
+
+
+def save(run: Run, step: int) -> Path:
+    path = save_checkpoint(run, step, checkpoint_meta(run, step))
+    run.console.print(f"checkpoint {path}")
+    return path
 
 
 def _setup_run_dir(cfg: Config, accelerator) -> Path:
@@ -238,6 +268,8 @@ def train_loop(run: Run) -> dict:
         every = cfg.eval.every_steps
         if epoch_end or (every and done % every == 0) or done == run.total_steps:
             last_eval = run_eval(run, done) or last_eval
+        if done == run.total_steps or (cfg.train.save_every and done % cfg.train.save_every == 0):
+            save(run, done)
     run.console.close()
     wall = time.perf_counter() - t0
     steps = run.total_steps - run.start_step
@@ -292,6 +324,7 @@ def train(cfg: Config) -> dict:
     try:
         run = build_run(cfg)
         summary = train_loop(run)
+        export_run(run.dir)
         write_summary(run, summary)
         run.console.print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
                           f"{summary['tokens_per_s']:.0f} tokens/s, run dir {run.dir}")
