@@ -26,6 +26,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
               "distclm train --data.dir=OUT --model.name=MODEL [--run.dir=RUN] [--train.strategy=ddp|zero1|zero2|zero3]"),
     "eval": ("Token-weighted perplexity of a model on a prepared split, across any number of processes.",
              "distclm eval --model.name=RUN|HF_DIR|HUB_ID --data.dir=OUT [--eval.output=result.json]"),
+    "generate": ("Sample text (tutorial defaults: 100 new tokens, top-k 50, top-p 0.95).",
+                 "distclm generate --model.name=RUN|HF_DIR|HUB_ID --prompt \"...\" [--prompt-file FILE]"),
+    "export": ("Write a run's newest complete checkpoint as a Hugging Face folder.",
+               "distclm export RUN [--out DIR]"),
+    "run": ("Everything: prepare -> train -> eval -> export -> sample.",
+            "distclm run --preset=demo|eli5-distilgpt2 [overrides]"),
 }
 
 # Flags outside the --section.key scheme: name -> (takes a value, help).
@@ -49,6 +55,7 @@ class Invocation:
     cfg: config.Config
     positional: list[str] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
+    argv: list[str] = field(default_factory=list)
 
 
 def _bool_fields() -> set[str]:
@@ -118,7 +125,7 @@ def parse(argv: list[str]) -> Invocation | None:
         if name in extras:
             extras[name] = _as_bool(name, extras[name])
     cfg = config.build_config(extras.pop("preset", None), extras.pop("config", None), flags)
-    return Invocation(command, cfg, positional, extras)
+    return Invocation(command, cfg, positional, extras, list(args))
 
 
 def _as_bool(name: str, value: str) -> bool:
@@ -244,11 +251,41 @@ def cmd_eval(inv: Invocation) -> int:
     return eval_command(inv.cfg)
 
 
+def cmd_generate(inv: Invocation) -> int:
+    from distclm.generate import generate_command
+
+    return generate_command(inv.cfg, inv.extras.get("prompt_file"))
+
+
+def cmd_export(inv: Invocation) -> int:
+    from pathlib import Path
+
+    from distclm.checkpoint import export_run
+
+    run_dir = inv.positional[0] if inv.positional else inv.cfg.run.dir
+    if not run_dir:
+        raise UserError("export needs a run dir: distclm export RUN [--out DIR]")
+    if not Path(run_dir).is_dir():
+        raise UserError(f"export: {run_dir}: no such run dir")
+    out = export_run(Path(run_dir), inv.extras.get("out"))
+    print(f"exported {run_dir} -> {out} (load it with transformers.pipeline('text-generation', model='{out}'))")
+    return 0
+
+
+def cmd_run(inv: Invocation) -> int:
+    from distclm.pipeline import run_all
+
+    return run_all(inv.cfg, argv=inv.argv)
+
+
 HANDLERS: dict[str, Callable[[Invocation], int]] = {
     "prepare": cmd_prepare,
     "inspect": cmd_inspect,
     "train": cmd_train,
     "eval": cmd_eval,
+    "generate": cmd_generate,
+    "export": cmd_export,
+    "run": cmd_run,
 }
 
 

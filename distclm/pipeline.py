@@ -1,0 +1,131 @@
+"""`distclm run`: prepare -> perplexity before -> train (N processes) -> perplexity after -> export -> sample.
+
+Training runs as a child (`torchrun --nproc_per_node N -m distclm.cli train --config RESOLVED.yaml`),
+so the one command uses the same multi-process path as a cluster launch; everything else runs here.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from distclm import config as config_mod
+from distclm.errors import UserError
+
+
+def default_nproc() -> int:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.device_count()
+    return 2 if (os.cpu_count() or 1) >= 2 else 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_reachable(cfg) -> None:
+    """Offline with a hub dataset or model: fail at once, saying how to use local copies of both."""
+    from distclm.data.sources import is_local
+    from distclm.hub import ensure_offline_if_unreachable
+    from distclm.model import ARCH_PRESETS
+    from distclm.model import is_local as model_is_local
+
+    needs = []
+    if cfg.data.source and cfg.data.source != "pydoc" and not is_local(cfg.data.source):
+        needs.append(f"dataset {cfg.data.source}")
+    if cfg.model.name and cfg.model.name not in ARCH_PRESETS and not model_is_local(cfg.model.name):
+        needs.append(f"model {cfg.model.name}")
+    if not needs or ensure_offline_if_unreachable():
+        return
+    from huggingface_hub import try_to_load_from_cache  # a cached copy still works offline
+
+    model_cached = cfg.model.name in ARCH_PRESETS or model_is_local(cfg.model.name or "") or isinstance(
+        try_to_load_from_cache(cfg.model.name, "config.json"), str)
+    data_ready = (Path(cfg.data.dir or "") / "manifest.json").exists()
+    if model_cached and (data_ready or not any(n.startswith("dataset") for n in needs)):
+        return
+    raise UserError(f"the Hugging Face Hub is not reachable and this run needs the {' and the '.join(needs)}; "
+                    f"download them elsewhere, then point at the local copies: --data.source=/path/to/parquet-or-jsonl "
+                    f"(same --data.text_field={cfg.data.text_field}) and --model.name=/path/to/model-folder")
+
+
+def train_in_children(cfg, nproc: int) -> None:
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = run_dir / "run-config.yaml"
+    resolved.write_text(config_mod.to_yaml(cfg), encoding="utf-8")
+    cmd = [sys.executable, "-m", "distclm.cli", "train", "--config", str(resolved)]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+               "-m", "distclm.cli", "train", "--config", str(resolved)]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    rc = subprocess.call(cmd, env=env)
+    if rc != 0:
+        raise SystemExit(rc if rc in (2, 143) else 1)
+
+
+def perplexity_of(model_name: str, cfg, seed: int | None = None) -> dict:
+    """One-process eval of a model on the validation split (`seed`: the init of a preset model)."""
+    import torch
+
+    from distclm.data.blocks import BlockReader
+    from distclm.evaluation import evaluate
+    from distclm.model import load_model
+    from distclm.train import set_seed
+
+    if seed is not None:
+        set_seed(seed)
+    model = load_model(model_name, cfg.model.trust_remote_code)
+    reader = BlockReader(cfg.data.dir)
+    return evaluate(model, reader.split(cfg.eval.split), cfg.eval.batch_size, torch.device("cpu")
+                    if not torch.cuda.is_available() else torch.device("cuda"))
+
+
+def run_all(cfg, argv: list[str] | None = None) -> int:
+    from distclm.console import PrepareProgress
+    from distclm.data.prepare import prepare
+    from distclm.train import default_run_dir
+
+    check_reachable(cfg)
+    say = print
+    say(f"== prepare {cfg.data.source} -> {cfg.data.dir}")
+    progress = PrepareProgress(interval_s=5.0)
+    try:
+        result = prepare(cfg, progress)
+    finally:
+        progress.close()
+    sp = result.manifest["splits"]
+    say(("reused complete " if result.reused else "prepared ") + ", ".join(
+        f"{k} {s['n_blocks']:,} blocks" for k, s in sp.items()) + f" of {result.manifest['block_size']} tokens")
+    if not cfg.run.dir:
+        cfg.run.dir = default_run_dir(cfg)
+    before = perplexity_of(cfg.model.name, cfg, seed=cfg.train.seed)
+    say(f"== perplexity before training: {before['perplexity']:.2f} (loss {before['loss']:.4f}, "
+        f"{before['tokens']:,} validation tokens)")
+    nproc = cfg.run.nproc or default_nproc()
+    say(f"== train {cfg.model.name} on {nproc} process(es), strategy {cfg.train.strategy} -> {cfg.run.dir}")
+    train_in_children(cfg, nproc)
+    export = Path(cfg.run.dir) / "export"
+    after = perplexity_of(str(export), cfg)
+    say(f"== perplexity after training: {after['perplexity']:.2f} (loss {after['loss']:.4f}); "
+        f"before/after = {before['perplexity'] / after['perplexity']:.1f}x")
+    if cfg.gen.prompt:
+        from distclm.generate import generate
+        from distclm.model import load_model, load_model_tokenizer
+
+        model = load_model(str(export))
+        tok = load_model_tokenizer(str(export), cfg.data.tokenizer)
+        text = generate(model, tok, [cfg.gen.prompt], cfg.gen)[0][0]
+        say(f"== sample (top-k {cfg.gen.top_k}, top-p {cfg.gen.top_p}, seed {cfg.gen.seed}):")
+        say(text)
+    say(f"== exported to {export}: transformers.pipeline('text-generation', model='{export}') loads it")
+    return 0
