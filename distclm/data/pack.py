@@ -8,8 +8,6 @@ dropped, and recorded in the manifest.
 
 from __future__ import annotations
 
-from itertools import chain
-
 import numpy as np
 
 
@@ -18,11 +16,16 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
-def concat_docs(docs: list[list[int]], eos: int | None, dtype: np.dtype) -> np.ndarray:
-    """Documents -> one flat array, with `eos` after each document when given. Shape (n_tokens,)."""
-    tail = [] if eos is None else [eos]
-    count = sum(map(len, docs)) + len(tail) * len(docs)
-    flat = np.fromiter(chain.from_iterable(chain(d, tail) for d in docs), dtype=np.int64, count=count)
+def concat_docs(docs: list[list[int]] | list[np.ndarray], eos: int | None, dtype: np.dtype) -> np.ndarray:
+    """Documents (id lists or arrays) -> one flat array, `eos` after each document when given. Shape (n_tokens,)."""
+    # Arrays are joined by np.concatenate (a copy per document, no Python int per token); lists become int64 first.
+    parts = [d if isinstance(d, np.ndarray) else np.array(d, dtype=np.int64) for d in docs]
+    if eos is not None:
+        fits = parts and np.can_cast(np.min_scalar_type(eos), parts[0].dtype)
+        tail = np.array([eos], dtype=parts[0].dtype if fits else np.int64)
+        parts = [p for d in parts for p in (d, tail)]
+    flat = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    count = len(flat)
     limit = np.iinfo(dtype).max
     if count and (flat.max() > limit or flat.min() < 0):
         raise ValueError(f"token id {int(flat.max())} does not fit in {dtype}; the vocabulary is larger than declared")

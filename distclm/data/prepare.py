@@ -139,20 +139,26 @@ def _chunks(docs: Iterator[tuple[str, str]], start: int) -> Iterator[Chunk]:
 
 def _encode(tok: Tokenizer, chunk: Chunk, eos: int | None, dtype: np.dtype) -> dict[str, tuple[np.ndarray, int]]:
     """Tokenize one chunk -> {split: (flat tokens with EOS, non-empty docs)}. Runs in a worker thread."""
-    ids = tok.encode_batch(chunk.texts)
+    ids = tok.encode_arrays(chunk.texts)  # arrays, not lists: no Python int per token (that would hold the GIL)
     out = {}
     for split in ("train", "validation"):
-        docs = [d for d, label in zip(ids, chunk.labels) if label == split and d]  # empty documents add nothing
+        docs = [d for d, label in zip(ids, chunk.labels) if label == split and len(d)]  # empty documents add nothing
         if docs:
             out[split] = (concat_docs(docs, eos, dtype), len(docs))
     return out
 
 
 class Prepared:
-    """What a prepare run produced (for the CLI's summary line)."""
+    """What a prepare run produced (for the CLI's summary line).
 
-    def __init__(self, manifest: dict, seconds: float, reused: bool, backend: str):
+    `seconds`: the whole call (tokenizer load included); `stream_seconds`: from the first document
+    read to the manifest written (None when an existing output was reused).
+    """
+
+    def __init__(self, manifest: dict, seconds: float, reused: bool, backend: str,
+                 stream_seconds: float | None = None):
         self.manifest, self.seconds, self.reused, self.backend = manifest, seconds, reused, backend
+        self.stream_seconds = stream_seconds
 
 
 def prepare(cfg: Config, progress=None, overwrite: bool = False) -> Prepared:
@@ -200,6 +206,7 @@ def prepare(cfg: Config, progress=None, overwrite: bool = False) -> Prepared:
 
     workers = num_workers(d)
     docs_done, bytes_done = 0, 0
+    t_stream = time.perf_counter()
     with ThreadPoolExecutor(max_workers=workers) as pool:
         pending: deque = deque()
 
@@ -251,7 +258,8 @@ def prepare(cfg: Config, progress=None, overwrite: bool = False) -> Prepared:
     }
     atomic_write(out / MANIFEST, dump_json(manifest))
     (out / STATE).unlink(missing_ok=True)
-    return Prepared(manifest, time.perf_counter() - t0, False, tok.backend)
+    t_end = time.perf_counter()
+    return Prepared(manifest, t_end - t0, False, tok.backend, t_end - t_stream)
 
 
 def _check_out_dir(out: Path, fp: str, overwrite: bool):

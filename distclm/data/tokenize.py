@@ -3,15 +3,23 @@
 The reference is always the Hugging Face fast tokenizer. When it is GPT-2-style byte-level BPE,
 the same ranks drive a tiktoken `Encoding` (3-4x faster, and it releases the GIL so threads scale);
 it is used only after it gave the HF ids on a probe text, otherwise the HF tokenizer encodes.
+
+The vendored `gpt2` skips transformers altogether (its import is ~0.7 s, half of a small prepare):
+its files are checked by sha256 against the ones whose HF ids on the probe text are recorded below
+(GPT2_REFERENCE), and tiktoken must give those ids; the HF tokenizer is then loaded only if
+something asks for `Tokenizer.hf`. A record that no longer matches costs speed, not correctness:
+the HF path above is taken. The unit tests compare the fast path with HF itself.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+import numpy as np
 
 from distclm.errors import UserError
 
@@ -26,27 +34,71 @@ PROBE_TEXT = (
 )
 
 
-@dataclass
-class Tokenizer:
-    """What prepare needs of a tokenizer: batch encode, eos, vocab size, identity."""
+# What GPT2TokenizerFast gives for the vendored files (identified by `_files_sha256`): the ids of
+# PROBE_TEXT, eos, len(tokenizer), and the max length set in `load_hf_tokenizer`.
+GPT2_REFERENCE = {
+    "sha256": "81dfed3cbb2dcbb9eae8a3c23efe9d5ce8c9fd9d8169d2c829e72d609ec182bc",
+    "probe_ids": [
+        15496, 995, 0, 632, 338, 13130, 26, 356, 1183, 1332, 262, 11241, 7509, 338, 4017, 3212, 25, 220, 22524,
+        197, 392, 198, 3605, 6615, 198, 198, 3118, 291, 1098, 25, 40304, 11, 41492, 11, 10545, 251, 109, 12859,
+        105, 11, 44805, 12520, 236, 231, 11, 10688, 18872, 239, 87, 31185, 26870, 838, 46256, 114, 11, 2438,
+        4600, 4299, 277, 7, 87, 2599, 1441, 2124, 1174, 17, 63, 220, 3146, 513, 13, 1415, 19707, 352, 11, 830,
+        11, 830, 290, 20176, 50, 406, 11290, 13, 2094, 470, 484, 1053, 314, 1101, 345, 821, 673, 1549, 220, 220,
+        220, 220, 220, 9029, 13, 50256,
+    ],
+    "eos_token_id": 50256,
+    "vocab_size": 50257,
+    "max_length": 1024,
+}
 
-    name: str
-    hf: object  # transformers.PreTrainedTokenizerFast: the reference and the saved one
-    encode_batch: Callable[[list[str]], list[list[int]]]
-    backend: str  # "tiktoken" or "hf"
-    sha256: str
-    folder: Path | None  # where the tokenizer files are, when they are local
+
+class Tokenizer:
+    """What prepare needs of a tokenizer: batch encode, eos, vocab size, identity.
+
+    `hf` is the transformers fast tokenizer (the reference, and the one saved with a model). When the
+    vendored fast path did not need it, it is None at construction and loaded on first access;
+    `known` then holds the recorded eos / vocab size / max length.
+    """
+
+    def __init__(self, name: str, hf, encode_batch: Callable[[list[str]], list[list[int]]], backend: str,
+                 sha256: str, folder: Path | None,
+                 encode_arrays: Callable[[list[str]], list[np.ndarray]] | None = None, known: dict | None = None):
+        self.name = name
+        self._hf = hf
+        self.encode_batch = encode_batch
+        self.backend = backend  # "tiktoken" or "hf"
+        self.sha256 = sha256
+        self.folder = folder  # where the tokenizer files are, when they are local
+        self._encode_arrays = encode_arrays
+        self._known = known or {}
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(name={self.name!r}, backend={self.backend!r}, sha256={self.sha256[:12]}...)"
+
+    @property
+    def hf(self):
+        if self._hf is None:
+            self._hf = load_hf_tokenizer(self.name)[0]
+        return self._hf
+
+    def encode_arrays(self, texts: list[str]) -> list[np.ndarray]:
+        """One id array per text (uint32 from tiktoken, int64 otherwise): no Python int per token."""
+        if self._encode_arrays is not None:
+            return self._encode_arrays(texts)
+        return [np.asarray(ids, dtype=np.int64) for ids in self.encode_batch(texts)]
 
     @property
     def eos_token_id(self) -> int:
-        return self.hf.eos_token_id
+        return self._known["eos_token_id"] if "eos_token_id" in self._known else self.hf.eos_token_id
 
     @property
     def vocab_size(self) -> int:
-        return len(self.hf)
+        return self._known["vocab_size"] if "vocab_size" in self._known else len(self.hf)
 
     @property
     def max_length(self) -> int | None:
+        if "max_length" in self._known:
+            return self._known["max_length"]
         n = self.hf.model_max_length
         return n if n and n < 1e12 else None  # transformers' "no limit" sentinel is ~1e30
 
@@ -120,28 +172,12 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-def _tiktoken_from_hf(hf, name: str):
-    """A tiktoken Encoding with the HF tokenizer's ranks, or None when it is not GPT-2-style BPE."""
-    import json
-
+def _encoding(ranks: dict[bytes, int], specials: dict[str, int], name: str):
+    """A tiktoken Encoding with GPT-2's pre-tokenizer pattern, or None when tiktoken cannot serve."""
     try:
         import tiktoken
     except ImportError:
         return None
-    state = json.loads(hf.backend_tokenizer.to_str())
-    model, pre = state.get("model") or {}, state.get("pre_tokenizer") or {}
-    if model.get("type") != "BPE" or pre.get("type") != "ByteLevel":
-        return None
-    byte_of = {ch: b for b, ch in bytes_to_unicode().items()}
-    specials = {t.content: t_id for t_id, t in hf.added_tokens_decoder.items()}
-    ranks = {}
-    for token, rank in model["vocab"].items():
-        if token in specials:
-            continue
-        try:
-            ranks[bytes(byte_of[ch] for ch in token)] = rank
-        except KeyError:
-            return None
     try:
         return tiktoken.Encoding(name=f"distclm-{name}", pat_str=GPT2_PATTERN,
                                  mergeable_ranks=ranks, special_tokens=specials)
@@ -149,8 +185,84 @@ def _tiktoken_from_hf(hf, name: str):
         return None
 
 
+def _byte_ranks(vocab: dict[str, int], specials: dict[str, int]) -> dict[bytes, int] | None:
+    """Byte-level BPE vocab (GPT-2's printable-character tokens) -> tiktoken's {token bytes: rank}.
+
+    The ranks are the ids: GPT-2's ids are in merge order, which is what tiktoken's ranks mean.
+    """
+    # str.translate + latin-1 maps each character back to its byte in C (~2x faster than a genexpr per
+    # token); a character outside the byte map becomes U+FFFF, which latin-1 refuses.
+    table = {ord(ch): b for b, ch in bytes_to_unicode().items()}
+    table.update({c: 0xFFFF for c in range(256) if c not in table})
+    try:
+        return {token.translate(table).encode("latin-1"): rank
+                for token, rank in vocab.items() if token not in specials}
+    except UnicodeEncodeError:
+        return None
+
+
+def _tiktoken_from_hf(hf, name: str):
+    """A tiktoken Encoding with the HF tokenizer's ranks, or None when it is not GPT-2-style BPE."""
+    state = json.loads(hf.backend_tokenizer.to_str())
+    model, pre = state.get("model") or {}, state.get("pre_tokenizer") or {}
+    if model.get("type") != "BPE" or pre.get("type") != "ByteLevel":
+        return None
+    specials = {t.content: t_id for t_id, t in hf.added_tokens_decoder.items()}
+    ranks = _byte_ranks(model["vocab"], specials)
+    return None if ranks is None else _encoding(ranks, specials, name)
+
+
+def gpt2_encoding(folder: Path = VENDORED_GPT2):
+    """A tiktoken Encoding read straight from a GPT-2 `vocab.json` (no transformers), or None."""
+    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    specials = {"<|endoftext|>": vocab["<|endoftext|>"]}
+    ranks = _byte_ranks(vocab, specials)
+    return None if ranks is None else _encoding(ranks, specials, "gpt2")
+
+
+def _tiktoken_tokenizer(spec: str, enc, hf, sha: str, folder: Path | None, num_threads: int,
+                        known: dict | None = None) -> Tokenizer:
+    # allowed_special="all": a special token written in the text becomes its id, as HF does.
+    def encode_batch(texts: list[str]) -> list[list[int]]:
+        return enc.encode_batch(texts, num_threads=num_threads, allowed_special="all")
+
+    encode_arrays = None
+    if hasattr(enc, "encode_to_numpy"):  # tiktoken >= 0.7: ids straight into an array, GIL released
+        allowed = enc.special_tokens_set
+
+        def encode_arrays(texts: list[str]) -> list[np.ndarray]:
+            return [_encode_to_numpy(enc, text, allowed) for text in texts]
+
+    return Tokenizer(spec, hf, encode_batch, "tiktoken", sha, folder, encode_arrays, known)
+
+
+def _encode_to_numpy(enc, text: str, allowed: frozenset) -> np.ndarray:
+    """`enc.encode(text, allowed_special="all")` as a uint32 array, with `encode`'s surrogate fix-up."""
+    try:
+        return enc.encode_to_numpy(text, allowed_special=allowed, disallowed_special=())
+    except UnicodeEncodeError:  # lone surrogates (JSON can carry them): the repair tiktoken's `encode` applies
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        return enc.encode_to_numpy(text, allowed_special=allowed, disallowed_special=())
+
+
+def _vendored_gpt2(num_threads: int) -> Tokenizer | None:
+    """The vendored GPT-2 on tiktoken without transformers, when the files and the probe ids match the record."""
+    sha = _files_sha256(VENDORED_GPT2)
+    if sha != GPT2_REFERENCE["sha256"]:
+        return None
+    enc = gpt2_encoding()
+    if enc is None or enc.encode(PROBE_TEXT, allowed_special="all") != GPT2_REFERENCE["probe_ids"]:
+        return None
+    known = {k: GPT2_REFERENCE[k] for k in ("eos_token_id", "vocab_size", "max_length")}
+    return _tiktoken_tokenizer("gpt2", enc, None, sha, VENDORED_GPT2, num_threads, known)
+
+
 def load_tokenizer(spec: str, num_threads: int = 1, allow_fast_path: bool = True) -> Tokenizer:
     """Load the tokenizer and pick the fastest backend that gives the reference ids."""
+    if spec == "gpt2" and allow_fast_path:
+        tok = _vendored_gpt2(num_threads)
+        if tok is not None:
+            return tok
     hf, folder = load_hf_tokenizer(spec)
     if hf.eos_token_id is None:
         raise UserError(f"--data.tokenizer={spec}: the tokenizer has no EOS token, which packing needs")
@@ -158,11 +270,7 @@ def load_tokenizer(spec: str, num_threads: int = 1, allow_fast_path: bool = True
         hf.backend_tokenizer.to_str().encode()).hexdigest()
     enc = _tiktoken_from_hf(hf, spec.replace("/", "-")) if allow_fast_path else None
     if enc is not None and enc.encode(PROBE_TEXT, allowed_special="all") == hf(PROBE_TEXT)["input_ids"]:
-        # allowed_special="all": a special token written in the text becomes its id, as HF does.
-        def encode_batch(texts: list[str]) -> list[list[int]]:
-            return enc.encode_batch(texts, num_threads=num_threads, allowed_special="all")
-
-        return Tokenizer(spec, hf, encode_batch, "tiktoken", sha, folder)
+        return _tiktoken_tokenizer(spec, enc, hf, sha, folder, num_threads)
 
     def hf_encode_batch(texts: list[str]) -> list[list[int]]:
         return [e.ids for e in hf.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
