@@ -239,6 +239,8 @@ def build_accelerator(cfg: Config, ds_config: dict | None):
     backend = pick_backend(cfg)
     if ds_config is not None:
         ensure_launch_env()
+        # `accelerate launch` with a CPU config exports ACCELERATE_USE_CPU, which silently turns DeepSpeed off.
+        os.environ.pop("ACCELERATE_USE_CPU", None)
     plugin = DeepSpeedPlugin(hf_ds_config=ds_config) if ds_config is not None else None
     # One plain process has no process group: a backend given to accelerate then breaks its set-up.
     grouped = ds_config is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -254,10 +256,13 @@ def build_accelerator(cfg: Config, ds_config: dict | None):
     )
 
 
-def build_engine(cfg: Config, model: torch.nn.Module, total_steps: int, on_accelerator=None) -> Engine:
+def build_engine(cfg: Config, model: torch.nn.Module, total_steps: int, on_accelerator=None,
+                 load_universal: bool = False) -> Engine:
     """Wrap the model for the strategy; write RUN/ds_config.json when DeepSpeed is used.
 
     `on_accelerator(accelerator) -> run dir or None` runs once the process group exists (to agree on the run dir).
+    `load_universal`: the ZeRO state to resume from is a DeepSpeed universal checkpoint (another world size);
+    DeepSpeed reads that switch from the config it is built with, so it must be known here.
     """
     t = cfg.train
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -265,9 +270,16 @@ def build_engine(cfg: Config, model: torch.nn.Module, total_steps: int, on_accel
     ds_config = None
     if stage is not None:
         ds_config = resolve_ds_config(cfg, world, model.config.n_embd)
+        if load_universal:
+            ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     elif t.offload != "none":
         raise UserError(f"--train.offload={t.offload} needs a ZeRO strategy (--train.strategy=zero2 or zero3)")
     accelerator = build_accelerator(cfg, ds_config)
+    uses_ds = str(accelerator.distributed_type).endswith("DEEPSPEED")
+    if (ds_config is not None) != uses_ds:
+        raise UserError(f"--train.strategy={t.strategy} asked for {'DeepSpeed' if ds_config else 'DDP'} but accelerate "
+                        f"set up {accelerator.distributed_type}; the launcher's accelerate config must carry topology "
+                        f"only (no deepspeed_config / distributed_type DEEPSPEED)")
     run_dir = on_accelerator(accelerator) if on_accelerator else None
     if ds_config is not None and run_dir is not None and accelerator.is_main_process:
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
@@ -289,6 +301,24 @@ def build_engine(cfg: Config, model: torch.nn.Module, total_steps: int, on_accel
     return Engine(accelerator, model, optimizer, scheduler, ds_config is not None, t.max_grad_norm)
 
 
+def to_universal(src: Path, dst: Path) -> None:
+    """DeepSpeed ZeRO shards (one tag folder) -> a universal checkpoint any world size or stage can load.
+
+    `--inject_missing_state` adds the files DeepSpeed's loader expects beside the converted parameters
+    (stage 1/2 checkpoints lack them). Runs as a child process: the converter is a script with its own
+    worker pool, and needs no process group.
+    """
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
+                           "--output_folder", str(dst), "--inject_missing_state", "--num_extract_workers", "2",
+                           "--num_merge_workers", "1"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"DeepSpeed's ds_to_universal failed on {src} ({proc.returncode}): {tail[0]}\n{proc.stderr[-4000:]}")
+
+
 def destroy() -> None:
     """barrier + destroy_process_group before exit: avoids a rare abort at interpreter shutdown."""
     import torch.distributed as td
@@ -298,3 +328,37 @@ def destroy() -> None:
             td.barrier()
         finally:
             td.destroy_process_group()
+
+
+def prepare_for_inference(cfg: Config, model: torch.nn.Module) -> tuple[torch.nn.Module, torch.device]:
+    """The model ready for forward-only work (eval) on this rank, and its device.
+
+    --train.strategy=zero3 partitions the parameters across ranks through DeepSpeed (no optimizer):
+    every forward is then collective. Any other strategy keeps a full copy on each rank. Creates the
+    process group when several processes were launched (and always for DeepSpeed); `destroy()` ends it.
+    Numbers are fp32 unless --train.precision names bf16/fp16 ("auto" means fp32 here: a perplexity
+    should not depend on the strategy or the card).
+    """
+    import torch.distributed as td
+
+    backend = pick_backend(cfg)
+    precision = "no" if cfg.train.precision == "auto" else pick_precision(cfg)
+    stage = zero_stage(cfg)
+    if stage == 3:
+        ensure_launch_env()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if (world > 1 or stage == 3) and not td.is_initialized():
+        td.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+    if stage != 3:
+        return model.to(device=device, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)), device
+    import deepspeed
+
+    ds = resolve_ds_config(cfg, world, model.config.n_embd)
+    ds["bf16"], ds["fp16"] = {"enabled": precision == "bf16"}, {"enabled": precision == "fp16"}
+    engine, *_ = deepspeed.initialize(model=model, config=ds)
+    return engine, device

@@ -64,6 +64,7 @@ def _bool_fields() -> set[str]:
 
 def parse(argv: list[str]) -> Invocation | None:
     """argv (without the program name) -> Invocation; None when help or version was printed."""
+    argv = _drop_local_rank(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(main_help())
         return None
@@ -126,6 +127,21 @@ def parse(argv: list[str]) -> Invocation | None:
             extras[name] = _as_bool(name, extras[name])
     cfg = config.build_config(extras.pop("preset", None), extras.pop("config", None), flags)
     return Invocation(command, cfg, positional, extras, list(args))
+
+
+def _drop_local_rank(argv: list[str]) -> list[str]:
+    """The deepspeed launcher puts `--local_rank=N` before the command: the environment says the same."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in ("--local_rank", "--local-rank"):
+            skip = "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            continue
+        out.append(arg)
+    return out
 
 
 def _as_bool(name: str, value: str) -> bool:
