@@ -4,7 +4,6 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 # DeepSpeed JIT-builds its C++ ops on first use (~1 min on 2 cores): keep them across runs.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/distclm/torch_extensions
-export OMP_NUM_THREADS ?= 1
 
 .PHONY: setup demo test bench lint clean
 
@@ -16,12 +15,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+# The embedded offline default: pydoc corpus -> gpt2-tiny, 2 CPU processes with ZeRO-2 -> eval -> export -> sample.
 demo: setup
-	$(VENV)/bin/distclm prepare --preset=demo
-	$(VENV)/bin/distclm inspect data/pydoc --verify
+	$(VENV)/bin/distclm run --preset=demo
 
 test: setup
-	$(PY) -m pytest -q tests; rc=$$?; \
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; fi; exit $$rc
 
 bench: setup
