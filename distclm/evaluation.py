@@ -28,55 +28,91 @@ def rank_slice(n: int, rank: int, world: int) -> range:
 
 def nll_sum(model, input_ids: torch.Tensor) -> torch.Tensor:
     """Summed next-token NLL of a batch (B, T) in float64: sum over B x (T-1) predicted tokens."""
-    logits = model(input_ids=input_ids).logits  # (B, T, V)
+    logits = model(input_ids=input_ids, use_cache=False).logits  # (B, T, V)
     logits = logits[:, :-1, :].float()
     targets = input_ids[:, 1:]
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
-    return loss.double()
+    # Per-token NLL in float32 (as the model computes it), summed in float64: the sum does not
+    # drift with the number of tokens in a batch, so batch size leaves the result unchanged.
+    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+    return nll.double().sum()
 
 
 @torch.no_grad()
-def evaluate(model, blocks, batch_size: int, device, collective_forward: bool = False) -> dict:
-    """{"loss", "perplexity", "tokens", "blocks", "world_size"} over all of `blocks` (a SplitBlocks)."""
-    rank, world = dist.rank(), dist.world_size()
+def local_sums(model, blocks, batch_size: int, device, rank: int, world: int,
+               collective_forward: bool = False) -> torch.Tensor:
+    """[NLL sum, predicted tokens] (float64) of rank `rank`'s slice of `blocks` (a SplitBlocks)."""
     n = len(blocks)
     mine = rank_slice(n, rank, world)
     n_batches = math.ceil(len(mine) / batch_size)
     if collective_forward:  # ZeRO-3: every rank runs as many forwards as the longest slice
         longest = max(len(rank_slice(n, r, world)) for r in range(world))
-        total_batches = math.ceil(longest / batch_size)
-    else:
-        total_batches = n_batches
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(2, dtype=torch.float64, device=device)  # [NLL sum, predicted tokens]
-    for b in range(total_batches):
+        n_batches = math.ceil(longest / batch_size)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    for b in range(n_batches):
         ids = list(mine[b * batch_size:(b + 1) * batch_size])
         counted = bool(ids)
         if not counted:
             ids = [0]  # an uncounted forward that keeps ZeRO-3's collectives in step
-        x = torch.from_numpy(blocks.batch(ids).astype(np.int64)).to(device)
+        x = torch.from_numpy(blocks.batch(ids).astype(np.int64)).to(device)  # (B, T)
         loss = nll_sum(model, x)
         if counted:
             sums[0] += loss
-            sums[1] += x.numel() - x.size(0)
+            sums[1] += x.numel() - x.size(0)  # B x (T - 1) predicted tokens
+    return sums
+
+
+def finish(sums: torch.Tensor, n_blocks: int, world: int) -> dict:
+    """Global [NLL sum, tokens] -> {"loss", "perplexity", "tokens", "blocks", "world_size"}."""
+    nll, tokens = float(sums[0].item()), int(sums[1].item())
+    loss = nll / tokens if tokens else float("nan")
+    return {"loss": loss, "perplexity": math.exp(loss) if tokens else float("nan"),
+            "tokens": tokens, "blocks": n_blocks, "world_size": world}
+
+
+def evaluate(model, blocks, batch_size: int, device, collective_forward: bool = False) -> dict:
+    """Loss and perplexity over all of `blocks`; every rank calls it and gets the same numbers."""
+    was_training = model.training
+    model.eval()
+    try:
+        sums = local_sums(model, blocks, batch_size, device, dist.rank(), dist.world_size(), collective_forward)
+    finally:
+        if was_training:
+            model.train()
+    # global_loss = sum_ranks(nll_sum) / sum_ranks(tokens): one all-reduce of two float64 numbers
     dist.all_reduce_sum(sums)
-    if was_training:
-        model.train()
-    loss = (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
-    return {"loss": loss, "perplexity": math.exp(loss) if loss == loss else float("nan"),
-            "tokens": int(sums[1].item()), "blocks": n, "world_size": world}
+    return finish(sums, len(blocks), dist.world_size())
+
+
+def write_result(result: dict, path: str) -> None:
+    import json
+    import os
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(result, fh, indent=2)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def how_held(model) -> str:
+    """How this rank holds the weights: partitioned by ZeRO-3 (DeepSpeed marks such parameters) or whole."""
+    if hasattr(next(model.parameters()), "ds_id"):
+        return "DeepSpeed ZeRO-3 (parameters partitioned across processes)"
+    return "a full copy of the model per process"
 
 
 def eval_command(cfg) -> int:
-    """`distclm eval`: perplexity of --model.name on --data.dir's --eval.split; rank 0 prints and writes JSON."""
-    import json
-    import os
-    from datetime import timedelta
+    """`distclm eval`: perplexity of --model.name on --data.dir's --eval.split; rank 0 prints and writes JSON.
 
+    --train.strategy=zero3 evaluates through DeepSpeed ZeRO-3 (parameters partitioned across ranks);
+    any other strategy keeps a full copy of the model on every rank.
+    """
+    from distclm import accel
     from distclm.data.blocks import BlockReader
     from distclm.errors import UserError
-    from distclm.model import load_model
+    from distclm.generate import quiet_loading
+    from distclm.model import load_model, resolve_model_dir
 
     if not cfg.model.name:
         raise UserError("--model.name is required: a run dir, a Hugging Face folder or a hub id")
@@ -84,30 +120,24 @@ def eval_command(cfg) -> int:
         raise UserError("--data.dir is required: a folder made by `distclm prepare`")
     reader = BlockReader(cfg.data.dir)
     blocks = reader.split(cfg.eval.split)
+    quiet_loading()
+    torch.manual_seed(cfg.train.seed)  # a preset (random-init) model: the same weights on every rank
     model = load_model(cfg.model.name, cfg.model.trust_remote_code)
     reader.check_model(model.config.vocab_size, model.config.n_positions, f"--model.name={cfg.model.name}")
-    import torch.distributed as td
-
-    from distclm.accel import pick_backend
-
-    backend = pick_backend(cfg)
-    if dist.world_size() > 1 and not td.is_initialized():
-        td.init_process_group(backend=backend, timeout=timedelta(minutes=30))
-    device = torch.device("cuda", dist.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
-    model.to(device)
     try:
-        result = evaluate(model, blocks, cfg.eval.batch_size, device)
+        model, device = accel.prepare_for_inference(cfg, model)
+        if dist.is_rank0():
+            print(f"eval: {resolve_model_dir(cfg.model.name)} on {cfg.data.dir} [{cfg.eval.split}], "
+                  f"{len(blocks):,} blocks, {dist.world_size()} process(es), {how_held(model)}", flush=True)
+        result = evaluate(model, blocks, cfg.eval.batch_size, device,
+                          collective_forward=accel.zero_stage(cfg) == 3)
     finally:
-        if td.is_initialized():
-            td.barrier()
-            td.destroy_process_group()
+        reader.close()
+        accel.destroy()
     if dist.is_rank0():
         print(f"loss: {result['loss']:.6f}  tokens: {result['tokens']:,}  blocks: {result['blocks']:,}  "
               f"world_size: {result['world_size']}")
         print(f"perplexity: {result['perplexity']:.6f}")
         if cfg.eval.output:
-            os.makedirs(os.path.dirname(os.path.abspath(cfg.eval.output)), exist_ok=True)
-            with open(cfg.eval.output, "w", encoding="utf-8") as fh:
-                json.dump(result, fh, indent=2)
-                fh.write("\n")
+            write_result(result, cfg.eval.output)
     return 0

@@ -51,4 +51,5 @@ def ensure_offline_if_unreachable() -> bool:
 def offline_hint(kind: str, flag: str) -> str:
     """The sentence that tells an offline user how to point at a local copy."""
     return (f"the Hugging Face Hub is not reachable from here; download the {kind} on a machine that has "
-            f"network access (e.g. `huggingface-cli download NAME --local-dir DIR`) and pass {flag}=DIR")
+            f"network access (e.g. `hf download NAME{' --repo-type dataset' if kind == 'dataset' else ''} "
+            f"--local-dir DIR`) and pass {flag}=DIR")

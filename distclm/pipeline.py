@@ -37,23 +37,29 @@ def check_reachable(cfg) -> None:
     from distclm.model import ARCH_PRESETS
     from distclm.model import is_local as model_is_local
 
-    needs = []
-    if cfg.data.source and cfg.data.source != "pydoc" and not is_local(cfg.data.source):
-        needs.append(f"dataset {cfg.data.source}")
+    needs = []  # (what, how to fetch it elsewhere, the flag that points at the copy)
+    data_ready = (Path(cfg.data.dir or "") / "manifest.json").exists()  # prepare will reuse it
+    if cfg.data.source and cfg.data.source != "pydoc" and not is_local(cfg.data.source) and not data_ready:
+        rev = f" --revision {cfg.data.revision}" if cfg.data.revision else ""
+        needs.append((f"dataset {cfg.data.source}",
+                      f"hf download {cfg.data.source} --repo-type dataset{rev} --local-dir DATA",
+                      f"--data.source=DATA/... (the folder of its {cfg.data.split} split's files; "
+                      f"same --data.text_field={cfg.data.text_field})"))
     if cfg.model.name and cfg.model.name not in ARCH_PRESETS and not model_is_local(cfg.model.name):
-        needs.append(f"model {cfg.model.name}")
+        needs.append((f"model {cfg.model.name}", f"hf download {cfg.model.name} --local-dir MODEL",
+                      "--model.name=MODEL"))
     if not needs or ensure_offline_if_unreachable():
         return
     from huggingface_hub import try_to_load_from_cache  # a cached copy still works offline
 
-    model_cached = cfg.model.name in ARCH_PRESETS or model_is_local(cfg.model.name or "") or isinstance(
-        try_to_load_from_cache(cfg.model.name, "config.json"), str)
-    data_ready = (Path(cfg.data.dir or "") / "manifest.json").exists()
-    if model_cached and (data_ready or not any(n.startswith("dataset") for n in needs)):
+    needs = [n for n in needs if not (n[0].startswith("model")
+                                      and isinstance(try_to_load_from_cache(cfg.model.name, "config.json"), str))]
+    if not needs:
         return
-    raise UserError(f"the Hugging Face Hub is not reachable and this run needs the {' and the '.join(needs)}; "
-                    f"download them elsewhere, then point at the local copies: --data.source=/path/to/parquet-or-jsonl "
-                    f"(same --data.text_field={cfg.data.text_field}) and --model.name=/path/to/model-folder")
+    raise UserError(f"the Hugging Face Hub is not reachable and this run needs the "
+                    f"{' and the '.join(what for what, _, _ in needs)}; on a machine with network access run "
+                    f"{' and '.join(f'`{how}`' for _, how, _ in needs)}, copy the folders here, then pass "
+                    f"{' and '.join(flag for _, _, flag in needs)}")
 
 
 def train_in_children(cfg, nproc: int) -> None:
@@ -95,7 +101,10 @@ def run_all(cfg, argv: list[str] | None = None) -> int:
     from distclm.data.prepare import prepare
     from distclm.train import default_run_dir
 
+    from distclm.generate import quiet_loading
+
     check_reachable(cfg)
+    quiet_loading()
     say = print
     say(f"== prepare {cfg.data.source} -> {cfg.data.dir}")
     progress = PrepareProgress(interval_s=5.0)
@@ -122,10 +131,14 @@ def run_all(cfg, argv: list[str] | None = None) -> int:
         from distclm.generate import generate
         from distclm.model import load_model, load_model_tokenizer
 
+        g = cfg.gen
         model = load_model(str(export))
         tok = load_model_tokenizer(str(export), cfg.data.tokenizer)
-        text = generate(model, tok, [cfg.gen.prompt], cfg.gen)[0][0]
-        say(f"== sample (top-k {cfg.gen.top_k}, top-p {cfg.gen.top_p}, seed {cfg.gen.seed}):")
+        text = generate(model, tok, [g.prompt], g)[0][0]
+        how = f"top-k {g.top_k}, top-p {g.top_p}, temperature {g.temperature}" if g.do_sample else "greedy"
+        say(f"== sample ({how}, {g.max_new_tokens} new tokens, seed {g.seed}):")
         say(text)
+    else:
+        say("== no sample: set --gen.prompt=\"...\" for one (or run `distclm generate` on the export)")
     say(f"== exported to {export}: transformers.pipeline('text-generation', model='{export}') loads it")
     return 0

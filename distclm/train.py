@@ -326,7 +326,8 @@ def train(cfg: Config) -> dict:
         summary = train_loop(run)
         export_run(run.dir)
         write_summary(run, summary)
-        run.console.print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
+        final = "n/a (nothing left to train)" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
+        run.console.print(f"done: {summary['steps']} steps, final loss {final}, "
                           f"{summary['tokens_per_s']:.0f} tokens/s, run dir {run.dir}")
         return summary
     finally:
