@@ -41,7 +41,8 @@ def test_print_config_shows_resolved_precedence(cli, tmp_path, monkeypatch):
     assert tree["data"]["source"] == "pydoc"           # preset
     assert tree["data"]["val_fraction"] == 0.3         # file over preset's 0.1
     assert tree["data"]["block_size"] == 32            # flag over file
-    assert tree["train"]["lr"] == 2e-5                 # default
+    assert tree["train"]["lr"] == 1e-3                 # preset over the default 2e-5
+    assert tree["train"]["weight_decay"] == 0.01       # default (the preset does not set it)
     assert set(tree) == set(config.SECTIONS)
     assert tree["data"]["dir"] == "data/pydoc"
     assert not (tmp_path / "data").exists()            # --print-config prepares nothing
