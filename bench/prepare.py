@@ -17,7 +17,9 @@ Measured in one run, on the same corpus (default ../shared/corpora/pydocs.jsonl.
 
 tokens/s in-process = tokens / seconds from the first document read to the last output written
 (tutorial: load_dataset .. group_texts; distclm: first document read .. manifest written; tokenizer
-load excluded from both). Whole process = tokens / wall time of the command. Peak RSS = the largest
+load excluded from both). Whole process = tokens / wall time of the command. The machine's cores may
+be shared: each measurement waits for other processes to go quiet (--settle) and the report says how
+much CPU they took. Peak RSS = the largest
 sum of resident memory over the process and all its children, polled every 10 ms (and never less
 than the high-water mark of its largest process). Every timing is the median of --repeats
 runs. The table is printed and written to bench/out/prepare.md.
@@ -203,13 +205,16 @@ def command_run(corpus: Path, out: Path) -> dict:
 
 
 class OtherLoad:
-    """CPU time that other processes used while the benchmark ran, as a share of all CPUs (Linux).
+    """CPU time that other processes used since `start()`, as a share of all CPUs (Linux /proc/stat).
 
-    Each measurement is a wall-clock time on shared cores: say when something else was competing.
+    Every measurement here is a wall-clock time on shared cores: say when something else competed.
     """
 
     def __init__(self):
-        self.start = self._sample()
+        self.start()
+
+    def start(self) -> None:
+        self._start = self._sample()
 
     @staticmethod
     def _sample():
@@ -224,10 +229,21 @@ class OtherLoad:
 
     def share(self) -> float | None:
         end = self._sample()
-        if self.start is None or end is None or end[0] == self.start[0]:
+        if self._start is None or end is None or end[0] == self._start[0]:
             return None
-        total, idle, own = (e - s for e, s in zip(end, self.start))
-        return max(0.0, (total - idle - own) / total)
+        total, idle, own = (e - s for e, s in zip(end, self._start))
+        return min(1.0, max(0.0, (total - idle - own) / total))
+
+
+def wait_quiet(max_wait_s: float, threshold: float = 0.10) -> float | None:
+    """Wait (up to max_wait_s) until other processes use < threshold of the CPUs over 1 s; their last share."""
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        load = OtherLoad()
+        time.sleep(1.0)
+        share = load.share()
+        if share is None or share < threshold or time.monotonic() >= deadline:
+            return share
 
 
 def imports_torch(corpus: Path, out: Path) -> bool:
@@ -260,7 +276,7 @@ def mb(x: float) -> str:
 
 
 def report(corpus: Path, repeats: int, tut: dict, floor: dict, inproc: dict, cli1: dict, cli4: dict,
-           torch_imported: bool, other_load: float | None) -> str:
+           torch_imported: bool, other_load: tuple[float, float] | None) -> str:
     rate = {"tut": tut["tokens"] / tut["seconds"], "floor": floor["tokens"] / floor["seconds"],
             "inproc": inproc["tokens"] / inproc["seconds"]}
     whole = {"tut": tut["tokens"] / tut["wall"], "cli1": cli1["tokens"] / cli1["wall"],
@@ -304,8 +320,9 @@ def report(corpus: Path, repeats: int, tut: dict, floor: dict, inproc: dict, cli
     ]
     lines += ["", "Targets: " + "; ".join(f"{name}: {'met' if ok else 'MISSED'}" for name, ok in targets) + "."]
     if other_load is not None:
-        lines += ["", f"Other processes used {other_load:.0%} of the CPUs while this ran"
-                  + (" (timings above are disturbed: rerun on a quiet machine)." if other_load > 0.1 else ".")]
+        median, worst = other_load
+        lines += ["", f"Other processes took {median:.0%} of the CPUs during a measurement (median; worst {worst:.0%})"
+                  + (": the timings above are disturbed, rerun on a quiet machine." if median > 0.1 else ".")]
     return "\n".join(lines) + "\n"
 
 
@@ -314,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="a .jsonl(.gz) with an answers.text field")
     ap.add_argument("--repeats", type=int, default=5, help="runs per measurement; medians are reported")
     ap.add_argument("--quick", action="store_true", help="one run per measurement (a smoke run)")
+    ap.add_argument("--settle", type=float, default=30.0,
+                    help="seconds to wait, at most, for other processes to go quiet before each measurement (0: never)")
     ap.add_argument("--tutorial-child", metavar="CORPUS", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.tutorial_child:
@@ -328,9 +347,9 @@ def main(argv: list[str] | None = None) -> int:
 
     texts, enc = read_texts(corpus), gpt2_encoding()
     enc.encode_ordinary_batch(texts[:64])  # warm tiktoken's regex and thread-pool paths once
-    load = OtherLoad()
     names = ["tutorial", "floor", "inprocess", "cli1", "cli4"]
     runs: dict[str, list[dict]] = {name: [] for name in names}
+    loads: list[float] = []
     with tempfile.TemporaryDirectory(prefix="bench-prepare-") as tmp:
         work = Path(tmp)
         corpus4 = work / ("x4-" + corpus.name)
@@ -341,13 +360,20 @@ def main(argv: list[str] | None = None) -> int:
         steps = {"tutorial": lambda: tutorial_run(corpus), "floor": lambda: floor_run(enc, texts),
                  "inprocess": lambda: inprocess_run(corpus, work / "inproc"),
                  "cli1": lambda: command_run(corpus, work / "cli"), "cli4": lambda: command_run(corpus4, work / "cli")}
-        # Rounds interleave the measurements, so a burst of outside load hits all of them alike.
+        # Rounds interleave the measurements, so a burst of outside load hits all of them alike; each
+        # measurement first waits (up to --settle s) for the other processes to go quiet.
         for i in range(repeats):
             t0 = time.perf_counter()
             for name in names:
+                if args.settle > 0:
+                    wait_quiet(args.settle)
+                load = OtherLoad()
                 runs[name].append(steps[name]())
+                share = load.share()
+                if share is not None:
+                    loads.append(share)
             print(f"bench: round {i + 1}/{repeats} done in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
-        other = load.share()
+        other = (statistics.median(loads), max(loads)) if loads else None
         torch_imported = imports_torch(corpus, work / "torch-check")
     table = report(corpus, repeats, *(summarise(runs[name]) for name in names), torch_imported, other)
     OUT.parent.mkdir(parents=True, exist_ok=True)
