@@ -49,7 +49,7 @@ def load_model(name: str, trust_remote_code: bool = False, dtype=None):
         config = GPT2Config(vocab_size=50257, bos_token_id=50256, eos_token_id=50256, loss_type="ForCausalLM",
                             **ARCH_PRESETS[name])
         config._attn_implementation = "sdpa"
-        return GPT2LMHeadModel(config)
+        return _causal_lm_loss(GPT2LMHeadModel(config))
     name = resolve_model_dir(name)
     local = is_local(name)
     if local and not (Path(name).expanduser() / "config.json").exists():
@@ -60,9 +60,9 @@ def load_model(name: str, trust_remote_code: bool = False, dtype=None):
 
         ensure_offline_if_unreachable()
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        return _causal_lm_loss(AutoModelForCausalLM.from_pretrained(
             str(Path(name).expanduser()) if local else name, trust_remote_code=trust_remote_code,
-            dtype=dtype or torch.float32, attn_implementation="sdpa")
+            dtype=dtype or torch.float32, attn_implementation="sdpa"))
     except Exception as exc:  # noqa: BLE001 - hub and file errors come in many types
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
         if local:
@@ -74,6 +74,13 @@ def load_model(name: str, trust_remote_code: bool = False, dtype=None):
             why = f"{first}; pass --model.trust_remote_code=true only if you trust its code"
         raise UserError(f"--model.name={name}: cannot load it from the Hugging Face Hub: {why}; "
                         f"or use a preset: --model.name=gpt2-tiny") from None
+
+
+def _causal_lm_loss(model):
+    """Name the loss transformers would fall back to anyway, so it does not warn about it on every rank."""
+    if getattr(model, "loss_type", None) is None:
+        model.loss_type = "ForCausalLM"
+    return model
 
 
 def load_model_tokenizer(name: str, data_tokenizer: str = "gpt2"):
