@@ -273,9 +273,18 @@ def load_tokenizer(spec: str, num_threads: int = 1, allow_fast_path: bool = True
         return _tiktoken_tokenizer(spec, enc, hf, sha, folder, num_threads)
 
     def hf_encode_batch(texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in hf.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
+        try:
+            encoded = hf.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+        except TypeError:  # a lone surrogate (valid in a JSON string, not in UTF-8): fix up as tiktoken does
+            encoded = hf.backend_tokenizer.encode_batch([_fix_surrogates(t) for t in texts], add_special_tokens=False)
+        return [e.ids for e in encoded]
 
     return Tokenizer(spec, hf, hf_encode_batch, "hf", sha, folder)
+
+
+def _fix_surrogates(text: str) -> str:
+    """tiktoken's fix-up for text that is not valid Unicode: lone surrogates become U+FFFD."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def default_threads() -> int:

@@ -99,3 +99,37 @@ def test_hub_probe_says_unreachable_fast(monkeypatch):
         assert os.environ["HF_HUB_OFFLINE"] == "1"
     finally:
         hub.hub_reachable.cache_clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# The vendored gpt2 fast path skips transformers; it must stay equal to what transformers gives.
+
+
+def test_recorded_gpt2_reference_matches_the_hf_tokenizer():
+    from distclm.data.tokenize import GPT2_REFERENCE, PROBE_TEXT, load_tokenizer
+
+    hf = load_tokenizer("gpt2", allow_fast_path=False)
+    assert hf.backend == "hf"
+    assert hf.sha256 == GPT2_REFERENCE["sha256"]
+    assert hf.hf(PROBE_TEXT)["input_ids"] == GPT2_REFERENCE["probe_ids"]
+    assert (hf.eos_token_id, hf.vocab_size, hf.max_length) == (
+        GPT2_REFERENCE["eos_token_id"], GPT2_REFERENCE["vocab_size"], GPT2_REFERENCE["max_length"])
+
+
+def test_array_encoding_equals_list_encoding_even_with_a_stray_surrogate():
+    from distclm.data.tokenize import load_tokenizer
+
+    fast, ref = load_tokenizer("gpt2"), load_tokenizer("gpt2", allow_fast_path=False)
+    texts = ["Hello world", " the", "<|endoftext|>", "a\ud800b lone surrogate", "", "naïve café 東京 🎉"]
+    arrays = fast.encode_arrays(texts)
+    assert [a.tolist() for a in arrays] == ref.encode_batch(texts)
+
+
+def test_loading_gpt2_does_not_import_transformers():
+    import subprocess
+    import sys
+
+    code = ("import sys; from distclm.data.tokenize import load_tokenizer; t = load_tokenizer('gpt2'); "
+            "assert t.backend == 'tiktoken'; print('transformers' in sys.modules, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]
