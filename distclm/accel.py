@@ -302,21 +302,27 @@ def build_engine(cfg: Config, model: torch.nn.Module, total_steps: int, on_accel
 
 
 def to_universal(src: Path, dst: Path) -> None:
-    """DeepSpeed ZeRO shards (one tag folder) -> a universal checkpoint any world size or stage can load.
+    """DeepSpeed ZeRO shards (one tag folder) -> a universal checkpoint any world size can load.
 
-    `--inject_missing_state` adds the files DeepSpeed's loader expects beside the converted parameters
-    (stage 1/2 checkpoints lack them). Runs as a child process: the converter is a script with its own
-    worker pool, and needs no process group.
+    DeepSpeed's `ds_to_universal` (the same as `python -m deepspeed.checkpoint.ds_to_universal
+    --input_folder SRC --output_folder DST --inject_missing_state`), run in this process with one worker:
+    its worker pool would fork a process that holds a process group, and a child process pays
+    DeepSpeed's import again (~5 s). `inject_missing_state` adds what stage 1/2 checkpoints lack.
     """
-    import subprocess
-    import sys
+    import contextlib
+    import io
+    from argparse import Namespace
 
-    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
-                           "--output_folder", str(dst), "--inject_missing_state", "--num_extract_workers", "2",
-                           "--num_merge_workers", "1"], capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise RuntimeError(f"DeepSpeed's ds_to_universal failed on {src} ({proc.returncode}): {tail[0]}\n{proc.stderr[-4000:]}")
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = Namespace(input_folder=str(src), output_folder=str(dst), num_extract_workers=1, num_merge_workers=1,
+                     keep_temp_folder=False, strict=True, inject_missing_state=True)
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            ds_to_universal.main(args)
+    except Exception as exc:
+        raise RuntimeError(f"DeepSpeed's ds_to_universal failed on {src}: {exc}\n{log.getvalue()[-4000:]}") from exc
 
 
 def destroy() -> None:

@@ -2,15 +2,24 @@
 
 RUN/checkpoints/step-N/
     COMPLETE            written last: a folder without it is ignored (and cleaned up later)
-    meta.json           step, sampler state (seed, epoch, step in epoch), what must match to resume
+    meta.json           step, sampler state (seed, epoch, step in epoch, samples consumed), world size,
+                        strategy, and what must match to resume (model, data fingerprint, global batch)
+    config.yaml         the run's resolved config (and ds_config.json under DeepSpeed)
     model/              Hugging Face folder: full weights (safetensors), config, tokenizer
     optimizer.pt        DDP: optimizer state (torch.save of tensors only: loads with weights_only=True)
     deepspeed/          ZeRO: DeepSpeed's own shards (model + optimizer partitions), as they are
+    universal/          ZeRO, made on demand: the shards converted for another world size (see below)
     scheduler.json      LambdaLR state (its step count)
     rng-rank{R}.pt      torch RNG states of each rank (tensors only)
 
 A checkpoint is written into checkpoints/.tmp-step-N by every rank, fsynced, renamed to step-N by
 rank 0, then COMPLETE is written; older ones are pruned to `keep_last` only after that.
+
+Another world size: the sampler state depends on the world only through the global batch, which
+must be unchanged, so the data order continues exactly. DDP state is replicated (full weights +
+full optimizer state) and loads as is. ZeRO shards are partitioned by world size and DeepSpeed
+refuses to load them onto another one; they are converted once (rank 0, DeepSpeed's
+ds_to_universal) into universal/ inside the checkpoint and loaded with `load_universal`.
 """
 
 from __future__ import annotations
@@ -46,18 +55,68 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=step_of)
 
 
-def find_resume(run_dir: Path, resume: str) -> Path | None:
-    """The checkpoint to start from: auto = newest complete one (or none), none, or an explicit path."""
+def find_resume(run_dir: Path | None, resume: str) -> Path | None:
+    """The checkpoint to start from: auto = newest complete one in `run_dir` (or none), none, or a path.
+
+    `run_dir` None: the run dir is not chosen yet (a fresh timestamped one), so auto finds nothing.
+    """
     if resume == "none":
         return None
     if resume == "auto":
-        found = complete_checkpoints(run_dir)
+        found = complete_checkpoints(run_dir) if run_dir is not None else []
         return found[-1] if found else None
     path = Path(resume)
-    if not (path / COMPLETE).exists():
+    if not (path / COMPLETE).exists() or not (path / "meta.json").exists():
         raise UserError(f"--run.resume={resume}: not a complete checkpoint (no {COMPLETE} marker); "
-                        f"use one of {run_dir}/checkpoints/step-N")
+                        f"use a RUN/checkpoints/step-N folder, auto or none")
     return path
+
+
+def read_meta(path: Path) -> dict:
+    return json.loads((path / "meta.json").read_text())
+
+
+def is_deepspeed(strategy: str) -> bool:
+    return strategy != "ddp"
+
+
+def needs_universal(meta: dict, strategy: str, world: int) -> bool:
+    """ZeRO shards written by another world size must go through a universal checkpoint."""
+    return is_deepspeed(strategy) and is_deepspeed(meta.get("strategy", "ddp")) and meta.get("world_size") != world
+
+
+def ensure_universal(path: Path) -> Path:
+    """`path`/universal: the ZeRO shards as a DeepSpeed universal checkpoint (rank 0 converts once; all wait).
+
+    Written like a checkpoint: into a temporary folder, fsynced, renamed, then COMPLETE; a later
+    resume from the same checkpoint on another world size reuses it.
+    """
+    from distclm.accel import to_universal
+
+    out = path / "universal"
+    if dist.is_rank0() and not (out / COMPLETE).exists():
+        tmp = path / ".tmp-universal"
+        for stale in (tmp, out):
+            if stale.exists():
+                shutil.rmtree(stale)
+        try:
+            to_universal(path / "deepspeed" / "state", tmp / "state")
+        except PermissionError:
+            raise UserError(f"cannot resume from {path} on another world size: its folder is read-only and the "
+                            f"ZeRO shards must be converted there; copy the checkpoint somewhere writable") from None
+        _fsync_tree(tmp)
+        os.replace(tmp, out)
+        _write_marker(out, "universal\n")
+    dist.barrier()
+    return out
+
+
+def _write_marker(folder: Path, text: str) -> None:
+    with open(folder / COMPLETE, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    fsync_dir(folder)
 
 
 def _fsync_tree(path: Path) -> None:
@@ -90,6 +149,9 @@ def save_checkpoint(run, step: int, meta: dict) -> Path:
             torch.save(engine.optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "scheduler.json").write_text(json.dumps(engine.scheduler.state_dict(), default=float) + "\n")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        for name in ("config.yaml", "ds_config.json"):  # the resolved settings this state was trained with
+            if (run.dir / name).exists():
+                shutil.copy2(run.dir / name, tmp / name)
     torch.save(rng_state(), tmp / f"rng-rank{dist.rank()}.pt")
     engine.wait()
     if dist.is_rank0():
@@ -98,11 +160,7 @@ def save_checkpoint(run, step: int, meta: dict) -> Path:
             shutil.rmtree(final)
         os.replace(tmp, final)
         fsync_dir(root)
-        with open(final / COMPLETE, "w") as fh:
-            fh.write(f"{step}\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        fsync_dir(final)
+        _write_marker(final, f"{step}\n")
         prune(run.dir, run.cfg.train.keep_last)
     engine.wait()
     return final
@@ -132,12 +190,35 @@ def save_model_folder(run, out: Path) -> None:
 
         hf_logging.disable_progress_bar()
         model = engine.unwrap()
-        model.save_pretrained(out, state_dict=state, safe_serialization=True)
+        model.save_pretrained(out, state_dict=drop_tied_copies(model, state), safe_serialization=True)
+        check_full_weights(model, out)
         from distclm.model import load_model_tokenizer
 
         tok = load_model_tokenizer(run.cfg.model.name, run.cfg.data.tokenizer)
         tok.save_pretrained(out)
         write_generation_config(run.cfg, out)
+
+
+def drop_tied_copies(model, state: dict) -> dict:
+    """Keep one name per tied parameter (GPT-2's lm_head is its wte): under DeepSpeed the gathered state
+    holds separate copies, which save_pretrained would write twice (2x the file size)."""
+    seen, drop = set(), set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            drop.add(name)
+        seen.add(id(param))
+    return {k: v for k, v in state.items() if k not in drop}
+
+
+def check_full_weights(model, out: Path) -> None:
+    """The known ZeRO-3 failure writes each rank's empty placeholders: at least params x dtype bytes must be there."""
+    # ds_numel: the full size of a ZeRO-3 partitioned parameter (its local tensor is empty); parameters()
+    # yields a tied parameter once.
+    expected = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in model.parameters())
+    written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    if written < expected:
+        raise RuntimeError(f"{out}: {written:,} bytes of weights for {expected:,} bytes of parameters; the ZeRO-3 "
+                           f"shards were not gathered (stage3_gather_16bit_weights_on_model_save must be true)")
 
 
 def write_generation_config(cfg, out: Path) -> None:
@@ -166,25 +247,36 @@ def load_rng_state(path: Path) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def check_compatible(meta: dict, expected: dict, path: Path) -> None:
-    """Refuse to resume onto another model, data or global batch, naming what differs."""
+def check_compatible(meta: dict, expected: dict, strategy: str, path: Path) -> None:
+    """Refuse to resume onto another model, data, global batch or kind of state, naming what differs."""
     for key, flag in (("model", "--model.name"), ("data_fingerprint", "--data.dir"),
                       ("global_batch", "--train.micro_batch_size x --train.grad_accum x world size"),
                       ("block_size", "--data.dir block_size"), ("seed", "--train.seed")):
         if meta.get(key) != expected.get(key):
             raise UserError(f"cannot resume from {path}: {key} was {meta.get(key)!r}, now {expected.get(key)!r} "
                             f"({flag}); use the original setting, another --run.dir, or --run.resume=none")
+    was = meta.get("strategy", "ddp")
+    if is_deepspeed(was) != is_deepspeed(strategy) or (is_deepspeed(was) and was != strategy):
+        raise UserError(f"cannot resume from {path}: it was written with --train.strategy={was}, now {strategy}; "
+                        f"resume with --train.strategy={was} (or start fresh with --run.resume=none)")
 
 
 def load_checkpoint(run, path: Path) -> dict:
     """Restore model, optimizer, scheduler and RNG from `path`; returns its meta (the step to continue from)."""
     engine = run.engine
-    meta = json.loads((path / "meta.json").read_text())
+    meta = read_meta(path)
+    sched = getattr(engine.scheduler, "scheduler", engine.scheduler)  # accelerate wraps our LambdaLR
+    # This run's hyper-parameters per group (weight decay 0 on biases/LayerNorm, betas, eps), to restore
+    # after the load: DeepSpeed's ZeRO-3 universal loader copies group 0's onto every group.
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in sched.optimizer.param_groups]
     if engine.deepspeed:
         if not (path / "deepspeed").is_dir():
             raise UserError(f"cannot resume from {path}: it was written without DeepSpeed (--train.strategy=ddp); "
                             f"resume with --train.strategy=ddp")
-        load_path, _ = engine.model.load_checkpoint(str(path / "deepspeed"), tag="state",
+        # Another world size: the universal copy (the engine was built with load_universal for it).
+        folder = ensure_universal(path) if needs_universal(meta, run.cfg.train.strategy, dist.world_size()) \
+            else path / "deepspeed"
+        load_path, _ = engine.model.load_checkpoint(str(folder), tag="state",
                                                      load_optimizer_states=True, load_lr_scheduler_states=False)
         if load_path is None:
             raise UserError(f"cannot resume from {path}: DeepSpeed found no loadable state under deepspeed/")
@@ -203,6 +295,17 @@ def load_checkpoint(run, path: Path) -> dict:
                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
         engine.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     engine.scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
+    # The lr of the next step comes from the schedule: a universal reload leaves the optimizer's lr at
+    # whatever the converter kept, and the first resumed step would use it.
+    assert len(hyper) == len(sched.optimizer.param_groups), "the optimizer's groups changed during the load"
+    for group, h, lr in zip(sched.optimizer.param_groups, hyper, sched.get_last_lr()):
+        group.update(h)
+        group["lr"] = lr
+    # DeepSpeed's ZeRO-3 universal loader gives every group the SAME `step` tensor; AdamW increments it
+    # in place once per group, so Adam's bias correction ran ahead (losses drifted ~1e-2 in 10 steps).
+    for state in sched.optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
     load_rng_state(path / f"rng-rank{dist.rank()}.pt")
     return meta
 

@@ -26,7 +26,8 @@ from distclm.data.blocks import BlockReader, SplitBlocks
 from distclm.data.loader import BlockSampler
 from distclm.errors import UserError
 from distclm.metrics import MetricsFile, ThroughputMeter, flops_per_token, peak_tflops_for
-from distclm.checkpoint import check_compatible, export_run, find_resume, load_checkpoint, save_checkpoint
+from distclm.checkpoint import (check_compatible, export_run, find_resume, load_checkpoint, needs_universal, read_meta,
+                                save_checkpoint)
 from distclm.model import load_model, n_params
 
 
@@ -147,36 +148,43 @@ def build_run(cfg: Config) -> Run:
     reader = BlockReader(cfg.data.dir)
     train_blocks = reader.split("train")
     eval_blocks = reader.splits.get(cfg.eval.split)
-    set_seed(t.seed)  # the same initial weights on every rank
-    model = load_model(cfg.model.name, cfg.model.trust_remote_code)
-    reader.check_model(model.config.vocab_size, model.config.n_positions, f"--model.name={cfg.model.name}")
     world = dist.world_size()
     sampler = BlockSampler(len(train_blocks), t.micro_batch_size, t.grad_accum, world, t.seed)
     if sampler.steps_per_epoch == 0:
         raise UserError(f"{cfg.data.dir}: {len(train_blocks)} train blocks are fewer than one global batch "
                         f"({t.micro_batch_size} micro x {t.grad_accum} accum x {world} processes); "
                         f"lower --train.micro_batch_size or --train.grad_accum")
+    # Which checkpoint to resume from is decided first: a refusal comes before loading anything, and ZeRO
+    # shards of another world size need DeepSpeed built for a universal checkpoint (load_universal).
+    # With no --run.dir the run dir is a fresh timestamped one: nothing to resume there.
+    identity = run_identity(cfg, reader, sampler)
+    resume_from = find_resume(Path(cfg.run.dir) if cfg.run.dir else None, cfg.run.resume)
+    meta = read_meta(resume_from) if resume_from is not None else None
+    if meta is not None:
+        check_compatible(meta, identity, t.strategy, resume_from)
+    set_seed(t.seed)  # the same initial weights on every rank
+    model = load_model(cfg.model.name, cfg.model.trust_remote_code)
+    reader.check_model(model.config.vocab_size, model.config.n_positions, f"--model.name={cfg.model.name}")
     total = total_steps_for(cfg, sampler)
     n_pos = model.config.n_positions * model.config.n_embd
     fpt = flops_per_token(n_params(model), model.config.n_layer, model.config.n_embd, reader.block_size, n_pos)
 
     # The engine creates the process group; the run dir is agreed on through it.
-    engine = build_engine(cfg, model, total, on_accelerator=lambda acc: _setup_run_dir(cfg, acc))
+    engine = build_engine(cfg, model, total, on_accelerator=lambda acc: _setup_run_dir(cfg, acc),
+                          load_universal=meta is not None and needs_universal(meta, t.strategy, world))
     run_dir = Path(cfg.run.dir)
     peak = peak_tflops_for(device_name(engine.device), cfg.log.peak_tflops)
     console = TrainConsole(total, cfg.log.interval_s)
     metrics = MetricsFile(run_dir / "metrics.jsonl", enabled=dist.is_rank0())
     meter = ThroughputMeter(fpt, world, peak)
     run = Run(cfg, run_dir, engine, train_blocks, eval_blocks, sampler, total, console, metrics, meter,
-              identity=run_identity(cfg, reader, sampler))
-    resume_from = find_resume(run_dir, cfg.run.resume)
+              identity=identity)
     if resume_from is not None:
-        meta = json.loads((resume_from / "meta.json").read_text())
-        check_compatible(meta, run.identity, resume_from)
         load_checkpoint(run, resume_from)
         run.start_step = meta["step"]
+        moved = f", written by {meta['world_size']} process(es), now {world}" if meta.get("world_size") != world else ""
         console.print(f"resumed from {resume_from} at step {run.start_step} "
-                      f"(epoch {meta['epoch']}, step {meta['step_in_epoch']} of it)")
+                      f"(epoch {meta['epoch']}, step {meta['step_in_epoch']} of it{moved})")
     return run
 
 
@@ -189,6 +197,7 @@ def run_identity(cfg: Config, reader: BlockReader, sampler: BlockSampler) -> dic
 def checkpoint_meta(run: Run, step: int) -> dict:
     pos = run.sampler.position(step)
     return {**run.identity, "step": step, "epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch,
+            "samples_consumed": step * run.sampler.global_batch,
             "world_size": dist.world_size(), "strategy": run.cfg.train.strategy}
 
 
