@@ -236,6 +236,8 @@ def build_accelerator(cfg: Config, ds_config: dict | None):
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
+    from distclm.launch_checks import explain_init_errors
+
     backend = pick_backend(cfg)
     if ds_config is not None:
         ensure_launch_env()
@@ -246,14 +248,16 @@ def build_accelerator(cfg: Config, ds_config: dict | None):
     grouped = ds_config is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1
     # Without cpu=True accelerate leaves several CPU processes un-wrapped (no DDP, gradients never
     # all-reduced, ranks silently diverge); with it, DeepSpeed is silently off. So: cpu=True for DDP only.
-    return Accelerator(
-        cpu=not torch.cuda.is_available() and ds_config is None,
-        deepspeed_plugin=plugin,
-        gradient_accumulation_steps=cfg.train.grad_accum,
-        mixed_precision=pick_precision(cfg),
-        step_scheduler_with_optimizer=False,
-        kwargs_handlers=[InitProcessGroupKwargs(backend=backend, timeout=timedelta(minutes=30))] if grouped else [],
-    )
+    timeout = timedelta(seconds=cfg.train.dist_timeout_s)
+    with explain_init_errors(cfg.train.dist_timeout_s):  # unreachable rendezvous/backend: one line, not a hang
+        return Accelerator(
+            cpu=not torch.cuda.is_available() and ds_config is None,
+            deepspeed_plugin=plugin,
+            gradient_accumulation_steps=cfg.train.grad_accum,
+            mixed_precision=pick_precision(cfg),
+            step_scheduler_with_optimizer=False,
+            kwargs_handlers=[InitProcessGroupKwargs(backend=backend, timeout=timeout)] if grouped else [],
+        )
 
 
 def build_engine(cfg: Config, model: torch.nn.Module, total_steps: int, on_accelerator=None,

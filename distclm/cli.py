@@ -32,6 +32,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                "distclm export RUN [--out DIR]"),
     "run": ("Everything: prepare -> train -> eval -> export -> sample.",
             "distclm run --preset=demo|eli5-distilgpt2 [overrides]"),
+    "doctor": ("Versions, DeepSpeed ops, launcher env, resolved config; under a launcher, an all-reduce on every rank.",
+               "distclm doctor [--train.backend=...] [--train.dist_timeout_s=S]   (or: launchers/torchrun.sh doctor)"),
 }
 
 # Flags outside the --section.key scheme: name -> (takes a value, help).
@@ -294,6 +296,12 @@ def cmd_run(inv: Invocation) -> int:
     return run_all(inv.cfg, argv=inv.argv)
 
 
+def cmd_doctor(inv: Invocation) -> int:
+    from distclm.doctor import doctor_command
+
+    return doctor_command(inv.cfg)
+
+
 HANDLERS: dict[str, Callable[[Invocation], int]] = {
     "prepare": cmd_prepare,
     "inspect": cmd_inspect,
@@ -302,6 +310,7 @@ HANDLERS: dict[str, Callable[[Invocation], int]] = {
     "generate": cmd_generate,
     "export": cmd_export,
     "run": cmd_run,
+    "doctor": cmd_doctor,
 }
 
 

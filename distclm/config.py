@@ -77,6 +77,9 @@ class TrainConfig:
     preempt_grace_s: float = F(30.0, "Seconds allowed to save a checkpoint after SIGTERM.")
     on_nonfinite: str = F("stop", "On a non-finite loss or gradient.", ("stop", "skip"))
     max_nonfinite: int = F(3, "Consecutive non-finite steps skipped before stopping.")
+    dist_timeout_s: float = F(600.0, "Seconds to wait for the other ranks (joining the rendezvous, forming the "
+                                    "process group, each collective) before failing with a message naming "
+                                    "MASTER_ADDR:MASTER_PORT; raise it when nodes start far apart or saves are slow.")
 
 
 @dataclass
@@ -326,6 +329,8 @@ def validate(cfg: Config) -> None:
                        "log.every_steps": cfg.log.every_steps}.items():
         if value < 0:
             raise UserError(f"--{key} must be >= 0, got {value}")
+    if t.dist_timeout_s <= 0:
+        raise UserError(f"--train.dist_timeout_s must be positive, got {t.dist_timeout_s}")
     if t.lr <= 0:
         raise UserError(f"--train.lr must be positive, got {t.lr}")
     if not 0 < cfg.gen.top_p <= 1:

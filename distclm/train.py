@@ -213,6 +213,9 @@ def _setup_run_dir(cfg: Config, accelerator) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
     accelerator.wait_for_everyone()
+    from distclm.launch_checks import check_launch  # ranks from the env, world = nodes x nproc, run dir shared
+
+    check_launch(run_dir)
     return run_dir
 
 
