@@ -210,15 +210,18 @@ class Engine:
     def optimizer_step(self) -> float:
         """Clip, step, zero grads, step the schedule; returns the gradient norm before clipping."""
         if self.deepspeed:
-            # accelerator.backward already ran engine.step() (clip + step + zero_grad) on the last micro-batch.
+            # accelerator.backward already ran engine.step() (clip + step + zero_grad) on the last micro-batch;
+            # on a non-finite gradient norm ZeRO skips the update itself and reports the norm as inf.
             norm = self.model.get_global_grad_norm()
             norm = float(norm) if norm is not None else float("nan")
         else:
             max_norm = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
             norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm))
-            self.optimizer.step()
+            # The norm is of the all-reduced gradients: every rank sees the same value and skips alike.
+            if math.isfinite(norm):
+                self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        self.scheduler.step()  # a skipped update still consumes its step of the schedule
         return norm
 
     @property
@@ -296,8 +299,8 @@ def build_engine(cfg: Config, model: torch.nn.Module, total_steps: int, on_accel
 
         optimizer = DeepSpeedCPUAdam(groups, lr=t.lr, betas=(0.9, 0.999), eps=1e-8, adamw_mode=True)
     else:
-        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.999), eps=1e-8,
-                                      fused=torch.cuda.is_available() or None)
+        # fused: one kernel per parameter group instead of a loop over tensors (CPU and CUDA).
+        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.schedule, t.warmup_steps, total_steps))
     if t.compile:
         model = torch.compile(model)

@@ -257,9 +257,16 @@ def _decode(tokenizer: str, ids: list[int]) -> str:
 
 
 def cmd_train(inv: Invocation) -> int:
-    from distclm.train import train
+    from distclm.train import NonFinite, Preempted, train
 
-    train(inv.cfg)
+    try:
+        train(inv.cfg)
+    except Preempted as exc:
+        print(f"distclm: {exc}", file=sys.stderr)
+        return 143  # 128 + SIGTERM: retryable under Kubernetes restart policies
+    except NonFinite as exc:
+        print(f"distclm: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -11,6 +11,7 @@ of tokens (block_size - 1), so this mean is the token-weighted mean of the globa
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -26,8 +27,8 @@ from distclm.data.blocks import BlockReader, SplitBlocks
 from distclm.data.loader import BlockSampler
 from distclm.errors import UserError
 from distclm.metrics import MetricsFile, ThroughputMeter, flops_per_token, peak_tflops_for
-from distclm.checkpoint import (check_compatible, export_run, find_resume, load_checkpoint, needs_universal, read_meta,
-                                save_checkpoint)
+from distclm.checkpoint import (check_compatible, complete_checkpoints, export_run, find_resume, load_checkpoint,
+                                needs_universal, read_meta, save_checkpoint)
 from distclm.model import load_model, n_params
 
 
@@ -88,23 +89,69 @@ def forward_loss(model, x: torch.Tensor) -> torch.Tensor:
     return model(input_ids=x, labels=x, use_cache=False).loss
 
 
-def train_step(engine, x: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """One optimizer step over (accum, micro, T) tokens -> (this rank's mean loss, grad norm)."""
+def train_step(engine, x: torch.Tensor, poison: bool = False) -> tuple[torch.Tensor, float]:
+    """One optimizer step over (accum, micro, T) tokens -> (this rank's mean loss, grad norm).
+
+    A non-finite gradient norm means the update was skipped (accel.Engine.optimizer_step).
+    `poison` multiplies the loss by NaN: the fault-injection hook of the non-finite tests.
+    """
     total = torch.zeros((), dtype=torch.float64, device=x.device)
     for micro in x:
         with engine.no_sync():  # gradients are all-reduced on the last micro-batch only
             loss = forward_loss(engine.model, micro)
+            if poison:
+                loss = loss * float("nan")
             engine.micro_step(loss)
         total += loss.detach().double()
     grad_norm = engine.optimizer_step()
     return total / x.size(0), grad_norm
 
 
-def global_mean(value: torch.Tensor) -> float:
-    """Mean of a per-rank scalar over ranks (all ranks give the same number of tokens)."""
-    v = value.reshape(1).clone()
+def agree(loss_local: torch.Tensor, stop_local: bool) -> tuple[float, bool]:
+    """One all-reduce per step: the mean loss over ranks, and whether any rank was asked to stop."""
+    v = torch.stack([loss_local.reshape(()).double(), torch.tensor(float(stop_local), dtype=torch.float64,
+                                                                    device=loss_local.device)])
     dist.all_reduce_sum(v)
-    return float(v.item()) / dist.world_size()
+    return float(v[0].item()) / dist.world_size(), bool(v[1].item() > 0)
+
+
+class Preempted(Exception):
+    """SIGTERM: a checkpoint was saved; exit with 143 so a restart policy retries."""
+
+
+class NonFinite(Exception):
+    """Too many consecutive non-finite steps: stop, keeping the last good checkpoint."""
+
+
+class StopSignal:
+    """Remembers a SIGTERM; the loop acts on it at the next step boundary, on all ranks together."""
+
+    def __init__(self):
+        import signal
+
+        self.received_at: float | None = None
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received_at is None:
+            self.received_at = time.monotonic()
+
+    @property
+    def requested(self) -> bool:
+        return self.received_at is not None
+
+    def restore(self) -> None:
+        import signal
+
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def poisoned_steps() -> set[int]:
+    """Steps whose loss is made NaN on purpose (DISTCLM_INJECT_NAN="5,6,7"): fault injection for tests."""
+    import os
+
+    raw = os.environ.get("DISTCLM_INJECT_NAN", "")
+    return {int(s) for s in raw.split(",") if s.strip()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,7 +192,7 @@ def build_run(cfg: Config) -> Run:
     if not cfg.model.name:
         raise UserError("--model.name is required: a hub id, a Hugging Face folder, a run dir, or gpt2-tiny")
     pick_backend(cfg)  # fail on nccl-without-GPU before any process group
-    reader = BlockReader(cfg.data.dir)
+    reader = open_data(cfg)
     train_blocks = reader.split("train")
     eval_blocks = reader.splits.get(cfg.eval.split)
     world = dist.world_size()
@@ -188,6 +235,21 @@ def build_run(cfg: Config) -> Run:
     return run
 
 
+def open_data(cfg: Config) -> BlockReader:
+    """Open the prepared folder; checksums are verified the first time a run dir uses it (on every rank,
+    before any process group exists, so a bad shard stops every rank alike) and remembered in RUN/."""
+    reader = BlockReader(cfg.data.dir)
+    marker = Path(cfg.run.dir) / "data-verified.json" if cfg.run.dir else None
+    fingerprint = reader.manifest["source"].get("fingerprint")
+    known = marker is not None and marker.exists() and json.loads(marker.read_text()).get("fingerprint") == fingerprint
+    if not known:
+        reader = BlockReader(cfg.data.dir, verify=True)
+        if marker is not None and dist.is_rank0():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(json.dumps({"fingerprint": fingerprint, "data_dir": str(cfg.data.dir)}) + "\n")
+    return reader
+
+
 def run_identity(cfg: Config, reader: BlockReader, sampler: BlockSampler) -> dict:
     """What a checkpoint must share with this run to be resumed by it."""
     return {"model": cfg.model.name, "data_fingerprint": reader.manifest["source"].get("fingerprint"),
@@ -202,13 +264,30 @@ def checkpoint_meta(run: Run, step: int) -> dict:
 
 
 def save(run: Run, step: int) -> Path:
-    path = save_checkpoint(run, step, checkpoint_meta(run, step))
+    """Checkpoint `step`; out of disk space is a user error that leaves the previous checkpoint intact."""
+    import errno
+    import shutil
+
+    try:
+        path = save_checkpoint(run, step, checkpoint_meta(run, step))
+    except (OSError, RuntimeError) as exc:
+        # torch.save reports a full disk as RuntimeError("... unexpected pos ..."): look at the disk itself.
+        full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or \
+            shutil.disk_usage(run.dir).free < 16 * 2**20
+        if not full:
+            raise
+        shutil.rmtree(run.dir / "checkpoints" / f".tmp-step-{step}", ignore_errors=True)  # give the space back
+        kept = complete_checkpoints(run.dir)
+        raise UserError(f"out of disk space writing checkpoint step-{step} under {run.dir / 'checkpoints'}; "
+                        f"the previous checkpoint {kept[-1] if kept else '(none)'} is intact; free space or "
+                        f"lower --train.keep_last, then relaunch to resume") from None
     run.console.print(f"checkpoint {path}")
     return path
 
 
 def _setup_run_dir(cfg: Config, accelerator) -> Path:
     run_dir = agree_on_run_dir(cfg, accelerator)
+    check_same_configuration(run_dir, cfg)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
@@ -217,6 +296,27 @@ def _setup_run_dir(cfg: Config, accelerator) -> Path:
 
     check_launch(run_dir)
     return run_dir
+
+
+# Settings that make a run what it is: a run dir that holds other values is another run.
+IDENTITY_FIELDS = ("model.name", "data.dir", "train.lr", "train.weight_decay", "train.schedule",
+                   "train.warmup_steps", "train.epochs", "train.max_steps", "train.seed", "train.max_grad_norm")
+
+
+def check_same_configuration(run_dir: Path, cfg: Config) -> None:
+    """Refuse a run dir whose config.yaml holds another configuration, unless --run.overwrite."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if cfg.run.overwrite or not path.exists():
+        return
+    old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    new = cfg.to_dict()
+    differ = [k for k in IDENTITY_FIELDS
+              if old.get(k.split(".")[0], {}).get(k.split(".")[1]) != new[k.split(".")[0]][k.split(".")[1]]]
+    if differ:
+        raise UserError(f"--run.dir={run_dir} holds another configuration (differs in: "
+                        f"{', '.join(f'--{k}' for k in differ)}); use another --run.dir, or --run.overwrite=true")
 
 
 def log_block_ids(run: Run, step: int, ids: np.ndarray) -> None:
@@ -244,50 +344,90 @@ def run_eval(run: Run, step: int) -> dict | None:
     return record
 
 
-def train_loop(run: Run) -> dict:
-    cfg, engine, sampler = run.cfg, run.engine, run.sampler
-    rank, world = dist.rank(), dist.world_size()
-    block_size = run.train_blocks.block_size
-    tokens_per_step = sampler.global_batch * block_size
+def log_step(run: Run, done: int, loss: float, lr: float, grad_norm: float, t0: float) -> dict:
+    """metrics.jsonl record (every --log.every_steps) and the console line/panel of one step."""
+    world, block_size = dist.world_size(), run.train_blocks.block_size
+    run.meter.update(run.sampler.global_batch * block_size)
+    elapsed = time.perf_counter() - t0
+    tps = run.meter.tokens_per_s
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)
+    record = {"type": "train", "step": done, "epoch": done / run.sampler.steps_per_epoch,
+              "loss": loss if math.isfinite(loss) else None, "lr": lr,
+              "grad_norm": grad_norm if math.isfinite(grad_norm) else None, "tokens_per_s": tps,
+              "tokens_per_s_per_device": tps / world if tps else None, "mfu": run.meter.mfu,
+              "mem_bytes": memory_bytes(run.engine.device), "elapsed_s": elapsed, "time": time.time()}
+    if not finite:
+        record["skipped"] = True  # the update of this step was not applied
+    if should_log(run, done) or not finite:
+        run.metrics.write(record)
+        run.history.append(record)
+    eta = elapsed / (done - run.start_step) * (run.total_steps - done)
+    run.console.update({**record, "loss": loss, "grad_norm": grad_norm, "eta_s": eta,
+                        "samples_per_s": tps / block_size if tps else None}, force=done == run.total_steps)
+    return record
+
+
+def check_finite(run: Run, done: int, loss: float, grad_norm: float, streak: int) -> int:
+    """Count consecutive non-finite steps (all ranks see the same all-reduced numbers); stop when too many."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return 0
+    streak += 1
+    t = run.cfg.train
+    run.console.print(f"step {done}: non-finite loss ({loss}) or gradient norm ({grad_norm}); update skipped "
+                      f"({streak} in a row, limit --train.max_nonfinite={t.max_nonfinite})")
+    if t.on_nonfinite == "stop" and streak >= t.max_nonfinite:
+        kept = complete_checkpoints(run.dir)
+        raise NonFinite(f"stopped at step {done}: {streak} consecutive non-finite steps "
+                        f"(--train.on_nonfinite=stop); last good checkpoint: "
+                        f"{kept[-1] if kept else 'none'}; lower --train.lr or check the data")
+    return streak
+
+
+def after_step(run: Run, done: int) -> dict | None:
+    """Eval at each epoch end and every --eval.every_steps; checkpoint every --train.save_every and at the end."""
+    cfg, result = run.cfg, None
+    epoch_end = done % run.sampler.steps_per_epoch == 0
+    every = cfg.eval.every_steps
+    if epoch_end or (every and done % every == 0) or done == run.total_steps:
+        result = run_eval(run, done)
+    if done == run.total_steps or (cfg.train.save_every and done % cfg.train.save_every == 0):
+        save(run, done)
+    return result
+
+
+def train_loop(run: Run, stop: StopSignal) -> dict:
+    engine, sampler = run.engine, run.sampler
+    rank = dist.rank()
     t0 = time.perf_counter()
     engine.model.train()
     run.console.start()
-    last_eval = None
-    losses = []
+    last_eval, losses, streak = None, [], 0
+    poison = poisoned_steps()
     for step in range(run.start_step, run.total_steps):
+        done = step + 1
         ids = sampler.rank_indices(step, rank)
-        log_block_ids(run, step + 1, ids)
+        log_block_ids(run, done, ids)
         x = micro_batches(run.train_blocks, ids, engine.device)
         lr = engine.lr  # the lr this step uses (the schedule moves on inside train_step)
-        loss_local, grad_norm = train_step(engine, x)
-        loss = global_mean(loss_local)
-        done = step + 1
-        run.meter.update(tokens_per_step)
+        loss_local, grad_norm = train_step(engine, x, poison=done in poison)
+        loss, stop_all = agree(loss_local, stop.requested)
         losses.append(loss)
-        elapsed = time.perf_counter() - t0
-        tps = run.meter.tokens_per_s
-        record = {"type": "train", "step": done, "epoch": done / sampler.steps_per_epoch, "loss": loss,
-                  "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
-                  "tokens_per_s_per_device": tps / world if tps else None, "mfu": run.meter.mfu,
-                  "mem_bytes": memory_bytes(engine.device), "elapsed_s": elapsed}
-        if should_log(run, done):
-            run.metrics.write(record)
-            run.history.append(record)
-        eta = elapsed / (done - run.start_step) * (run.total_steps - done)
-        run.console.update({**record, "eta_s": eta,
-                            "samples_per_s": tps / block_size if tps else None}, force=done == run.total_steps)
-        epoch_end = done % sampler.steps_per_epoch == 0
-        every = cfg.eval.every_steps
-        if epoch_end or (every and done % every == 0) or done == run.total_steps:
-            last_eval = run_eval(run, done) or last_eval
-        if done == run.total_steps or (cfg.train.save_every and done % cfg.train.save_every == 0):
+        log_step(run, done, loss, lr, grad_norm, t0)
+        streak = check_finite(run, done, loss, grad_norm, streak)
+        if stop_all and done < run.total_steps:
+            run.console.close()
             save(run, done)
+            waited = time.monotonic() - stop.received_at if stop.received_at else 0.0
+            raise Preempted(f"SIGTERM: saved a checkpoint at step {done} ({waited:.1f}s after the signal, "
+                            f"grace {run.cfg.train.preempt_grace_s:.0f}s); relaunch to resume")
+        last_eval = after_step(run, done) or last_eval
     run.console.close()
     wall = time.perf_counter() - t0
     steps = run.total_steps - run.start_step
-    return {"steps": run.total_steps, "steps_this_run": steps, "wall_s": wall,
-            "tokens": steps * tokens_per_step, "tokens_per_s": steps * tokens_per_step / wall if wall else None,
-            "final_loss": losses[-1] if losses else None, "world_size": world,
+    tokens = steps * sampler.global_batch * run.train_blocks.block_size
+    return {"steps": run.total_steps, "steps_this_run": steps, "wall_s": wall, "tokens": tokens,
+            "tokens_per_s": tokens / wall if wall else None, "final_loss": losses[-1] if losses else None,
+            "world_size": dist.world_size(),
             "eval_perplexity": last_eval["eval_perplexity"] if last_eval else None,
             "eval_loss": last_eval["eval_loss"] if last_eval else None}
 
@@ -333,9 +473,16 @@ def train(cfg: Config) -> dict:
     """Entry point: build, run, write the summary, clean up in `finally`."""
     from distclm.accel import destroy
 
+    stop = StopSignal()  # installed first: a SIGTERM during set-up is acted on at the first step boundary
     try:
         run = build_run(cfg)
-        summary = train_loop(run)
+        if run.start_step >= run.total_steps:
+            export_run(run.dir)
+            run.console.print(f"{run.dir} is already complete at step {run.start_step}; nothing to train "
+                              f"(another --run.dir, or --run.resume=none to start over)")
+            summary_path = run.dir / "summary.json"
+            return json.loads(summary_path.read_text()) if summary_path.exists() else {"steps": run.start_step}
+        summary = train_loop(run, stop)
         export_run(run.dir)
         write_summary(run, summary)
         final = "n/a (nothing left to train)" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
@@ -343,5 +490,6 @@ def train(cfg: Config) -> dict:
                           f"{summary['tokens_per_s']:.0f} tokens/s, run dir {run.dir}")
         return summary
     finally:
+        stop.restore()
         destroy()
 

@@ -205,3 +205,27 @@ def big_prepared(big_corpus, tmp_path_factory) -> Path:
     assert main(["prepare", f"--data.source={big_corpus}", *BIG_ARGS, "--data.num_workers=2",
                  f"--data.dir={out}"]) == 0
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures of the multi-process tests (tests/dist, tests/multinode). Their helpers live in
+# tests/dist/distrun.py; one conftest for the whole suite, so `from conftest import ...` is unambiguous.
+
+sys.path.insert(0, str(ROOT / "tests" / "dist"))
+from distrun import REPO, Runs, child_env  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def pydoc_blocks(tmp_path_factory) -> Path:
+    """The embedded pydoc corpus prepared in 64-token blocks (~2,000 train blocks)."""
+    out = tmp_path_factory.mktemp("pydoc64")
+    proc = subprocess.run([sys.executable, "-m", "distclm.cli", "prepare", "--data.source=pydoc",
+                           f"--data.dir={out}", "--data.block_size=64", "--data.val_fraction=0.1"],
+                          env=child_env(), capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory, pydoc_blocks) -> Runs:
+    return Runs(tmp_path_factory.mktemp("runs"), pydoc_blocks)
