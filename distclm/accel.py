@@ -235,6 +235,25 @@ class Engine:
         self.accelerator.wait_for_everyone()
 
 
+def init_group_for_this_attempt(backend: str, timeout: timedelta) -> None:
+    """Under torchrun, form the process group on a store prefixed by the restart count.
+
+    torchrun's agent keeps ONE TCPStore across restart rounds and its workers use it unprefixed, so
+    after `--max-restarts` brings the ranks back, gloo can read a dead round's addresses and fail with
+    "connectFullMesh ... Connection refused" (seen here in 1 of 4 restarts). Accelerate and DeepSpeed
+    then find the group formed and use it.
+    """
+    import torch.distributed as td
+
+    if td.is_initialized() or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    store = td.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                        timeout=timeout)
+    store = td.PrefixStore(f"distclm/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    td.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
+
+
 def build_accelerator(cfg: Config, ds_config: dict | None):
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
@@ -253,6 +272,8 @@ def build_accelerator(cfg: Config, ds_config: dict | None):
     # all-reduced, ranks silently diverge); with it, DeepSpeed is silently off. So: cpu=True for DDP only.
     timeout = timedelta(seconds=cfg.train.dist_timeout_s)
     with explain_init_errors(cfg.train.dist_timeout_s):  # unreachable rendezvous/backend: one line, not a hang
+        if grouped:
+            init_group_for_this_attempt(backend, timeout)
         return Accelerator(
             cpu=not torch.cuda.is_available() and ds_config is None,
             deepspeed_plugin=plugin,
