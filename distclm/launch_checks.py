@@ -219,6 +219,10 @@ def rendezvous_message(exc: BaseException, timeout_s: float, env: Mapping[str, s
     detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
     joined = _JOINED.search(detail)
     name = type(exc).__name__
+    if "EADDRINUSE" in detail or "address already in use" in detail.lower():
+        return (f"{who}: the rendezvous port {endpoint} is already in use on this node (another job, or a leftover "
+                f"process of an earlier one); pick a free port (--master_port / MASTER_PORT / RDZV_ENDPOINT) or stop "
+                f"that process [{name}: {detail}]")
     if joined:
         what = (f"only {joined.group(1)} of {joined.group(2)} ranks joined the rendezvous at {endpoint} within "
                 f"{timeout_s:g}s: start the missing node(s) with this endpoint, or raise --train.dist_timeout_s "

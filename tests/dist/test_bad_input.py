@@ -100,3 +100,21 @@ def test_out_of_disk_space_while_checkpointing_keeps_the_previous_checkpoint(pyd
         assert len(load_file(str(ck / "model" / "model.safetensors"))) > 10  # readable, whole
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_rendezvous_port_in_use_is_one_line(pydoc_blocks, tmp_path):
+    import os
+    import socket
+
+    with socket.socket() as busy:  # a port some other program already listens on
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {**child_env(), "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        proc = subprocess.run([sys.executable, "-m", "distclm.cli", "train", f"--data.dir={pydoc_blocks}",
+                               "--model.name=gpt2-tiny", f"--run.dir={tmp_path / 'r'}", "--train.dist_timeout_s=5"],
+                              env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    line = one_line_error(proc)
+    assert f"the rendezvous port 127.0.0.1:{port} is already in use on this node" in line
+    assert os.path.exists(tmp_path) and not (tmp_path / "r" / "metrics.jsonl").exists()
