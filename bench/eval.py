@@ -129,7 +129,8 @@ def train_model(data: Path, steps: int, fresh: bool) -> Path:
 
 def train_tokens_per_s(run_dir: Path) -> float:
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rates = [r["tokens_per_s"] for r in recs if r["type"] == "train"][1:]
+    # Steady state: the first step has no rate yet (warm-up), and a record without one is skipped.
+    rates = [r["tokens_per_s"] for r in recs if r["type"] == "train" and r.get("tokens_per_s")][1:]
     return statistics.median(rates)
 
 
@@ -158,7 +159,7 @@ def distclm_eval_inproc(data: Path, model_dir: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--fresh", action="store_true", help="retrain the model even if WORK/run exists")
     ap.add_argument("--child", choices=["trainer-eval"])
     ap.add_argument("--data")
