@@ -140,5 +140,8 @@ def run_all(cfg, argv: list[str] | None = None) -> int:
         say(text)
     else:
         say("== no sample: set --gen.prompt=\"...\" for one (or run `distclm generate` on the export)")
-    say(f"== exported to {export}: transformers.pipeline('text-generation', model='{export}') loads it")
+    from transformers import pipeline as hf_pipeline
+
+    hf_pipeline("text-generation", model=str(export), device="cpu")  # the export loads as is, or this raises
+    say(f"== exported to {export}: loaded with transformers.pipeline('text-generation', model='{export}')")
     return 0
