@@ -87,3 +87,9 @@ def test_zero_with_optimizer_offload_matches_ddp(runs, strategy):
                             "--train.offload=optimizer"))
     assert all(math.isfinite(v) for v in off)
     np.testing.assert_allclose(off, ddp, rtol=0, atol=1e-3)
+
+
+def test_activation_checkpointing_gives_the_same_losses(runs):
+    plain = losses(runs.train(1, *COMMON, "--train.micro_batch_size=8"))
+    recomputed = losses(runs.train(1, *COMMON, "--train.micro_batch_size=8", "--train.activation_checkpointing=true"))
+    np.testing.assert_allclose(recomputed, plain, rtol=0, atol=1e-5)
