@@ -229,7 +229,9 @@ class Engine:
         return float(self.scheduler.get_last_lr()[0])
 
     def unwrap(self) -> torch.nn.Module:
-        return self.accelerator.unwrap_model(self.model)
+        """The plain model: without DDP/DeepSpeed wrappers and without torch.compile's OptimizedModule."""
+        model = self.accelerator.unwrap_model(self.model)
+        return getattr(model, "_orig_mod", model)
 
     def wait(self) -> None:
         self.accelerator.wait_for_everyone()

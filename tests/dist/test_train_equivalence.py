@@ -93,3 +93,15 @@ def test_activation_checkpointing_gives_the_same_losses(runs):
     plain = losses(runs.train(1, *COMMON, "--train.micro_batch_size=8"))
     recomputed = losses(runs.train(1, *COMMON, "--train.micro_batch_size=8", "--train.activation_checkpointing=true"))
     np.testing.assert_allclose(recomputed, plain, rtol=0, atol=1e-5)
+
+
+def test_torch_compile_trains_the_same_and_exports_plain_weight_names(runs):
+    from safetensors.numpy import load_file
+
+    plain_dir = runs.train(1, *COMMON, "--train.micro_batch_size=8")
+    compiled_dir = runs.train(1, *COMMON, "--train.micro_batch_size=8", "--train.compile=true")
+    np.testing.assert_allclose(losses(compiled_dir), losses(plain_dir), rtol=0, atol=1e-4)
+    a = load_file(str(compiled_dir / "export" / "model.safetensors"))
+    b = load_file(str(plain_dir / "export" / "model.safetensors"))
+    assert sorted(a) == sorted(b)  # no "_orig_mod." prefix: the folder loads as a Hugging Face model
+    assert max(float(np.abs(a[k] - b[k]).max()) for k in a) < 1e-3
