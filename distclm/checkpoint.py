@@ -186,7 +186,8 @@ def save_model_folder(run, out: Path) -> None:
     engine = run.engine
     state = engine.accelerator.get_state_dict(engine.model)  # all ranks take part under ZeRO-3
     # torch.compile names every weight "_orig_mod.<name>": save the plain names a Hugging Face folder needs.
-    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
+    if state is not None:  # ZeRO-3 gathers the full state on rank 0 only
+        state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
     if dist.is_rank0():
         from transformers.utils import logging as hf_logging
 
