@@ -69,37 +69,27 @@ def run(cmd: list[str], what: str, env: dict | None = None) -> str:
 
 def child_trainer_eval(data: str, model_dir: str, out: str) -> None:
     """Trainer.evaluate on the validation blocks; rank 0 writes {"loss", "perplexity", "wall_s", "world_size"}."""
-    import numpy as np
-    import torch
     from transformers import Trainer, TrainingArguments, default_data_collator
 
     from distclm.data.blocks import BlockReader
     from distclm.generate import quiet_loading
     from distclm.model import load_model
+    from hf_blocks import trainer_dataset
 
-    blocks = BlockReader(data).split("validation")
-
-    class Blocks(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(blocks)
-
-        def __getitem__(self, i):
-            x = torch.from_numpy(blocks[i].astype(np.int64))
-            return {"input_ids": x, "labels": x}
-
+    dataset = trainer_dataset(BlockReader(data).split("validation"))
     quiet_loading()
     model = load_model(model_dir)
     args = TrainingArguments(output_dir=str(Path(out).parent / "trainer-out"), per_device_eval_batch_size=BATCH,
                              report_to=[], use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
                              save_strategy="no", logging_strategy="no")
-    trainer = Trainer(model=model, args=args, eval_dataset=Blocks(), data_collator=default_data_collator)
+    trainer = Trainer(model=model, args=args, eval_dataset=dataset, data_collator=default_data_collator)
     t0 = time.perf_counter()
     metrics = trainer.evaluate()
     wall = time.perf_counter() - t0
     if trainer.is_world_process_zero():
         loss = float(metrics["eval_loss"])
         Path(out).write_text(json.dumps({"loss": loss, "perplexity": math.exp(loss), "wall_s": wall,
-                                         "world_size": trainer.args.world_size, "blocks": len(blocks)}))
+                                         "world_size": trainer.args.world_size, "blocks": len(dataset)}))
 
 
 def prepare_data() -> tuple[Path, int]:

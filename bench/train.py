@@ -34,22 +34,14 @@ WARMUP = 3
 
 
 def child_trainer(data: str, steps: int, model_name: str, times_out: str) -> None:
-    import numpy as np
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
     from distclm.data.blocks import BlockReader
     from distclm.model import load_model
+    from hf_blocks import trainer_dataset
 
-    blocks = BlockReader(data).split("train")
-
-    class Blocks(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(blocks)
-
-        def __getitem__(self, i):
-            x = torch.from_numpy(blocks[i].astype(np.int64))
-            return {"input_ids": x, "labels": x}
+    dataset = trainer_dataset(BlockReader(data).split("train"))
 
     times = []
 
@@ -63,7 +55,7 @@ def child_trainer(data: str, steps: int, model_name: str, times_out: str) -> Non
                              weight_decay=0.01, per_device_train_batch_size=8, max_steps=steps,
                              eval_strategy="no", save_strategy="no", report_to=[], logging_steps=10**9,
                              dataloader_num_workers=0, use_cpu=True, seed=0, disable_tqdm=True)
-    Trainer(model=model, args=args, train_dataset=Blocks(), data_collator=default_data_collator,
+    Trainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator,
             callbacks=[Clock()]).train()
     Path(times_out).write_text(json.dumps(times))
 
