@@ -7,7 +7,6 @@ so the one command uses the same multi-process path as a cluster launch; everyth
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,12 +21,6 @@ def default_nproc() -> int:
     if torch.cuda.is_available():
         return torch.cuda.device_count()
     return 2 if (os.cpu_count() or 1) >= 2 else 1
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def check_reachable(cfg) -> None:
@@ -63,6 +56,8 @@ def check_reachable(cfg) -> None:
 
 
 def train_in_children(cfg, nproc: int) -> None:
+    from distclm.accel import free_port
+
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = run_dir / "run-config.yaml"
@@ -70,7 +65,7 @@ def train_in_children(cfg, nproc: int) -> None:
     cmd = [sys.executable, "-m", "distclm.cli", "train", "--config", str(resolved)]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                "-m", "distclm.cli", "train", "--config", str(resolved)]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
