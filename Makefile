@@ -26,5 +26,9 @@ test: setup
 bench: setup
 	$(PY) bench/prepare.py
 
+# Style and import order (ruff, from the [dev] extra), and pyflakes-level errors.
+lint: setup
+	$(VENV)/bin/ruff check distclm tests bench
+
 clean:
 	rm -rf data runs bench/out

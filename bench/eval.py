@@ -69,16 +69,16 @@ def run(cmd: list[str], what: str, env: dict | None = None) -> str:
 
 def child_trainer_eval(data: str, model_dir: str, out: str) -> None:
     """Trainer.evaluate on the validation blocks; rank 0 writes {"loss", "perplexity", "wall_s", "world_size"}."""
+    from hf_blocks import trainer_dataset
     from transformers import Trainer, TrainingArguments, default_data_collator
 
     from distclm.data.blocks import BlockReader
     from distclm.generate import quiet_loading
-    from distclm.model import load_model
-    from hf_blocks import trainer_dataset
+    from distclm.model import build_model
 
     dataset = trainer_dataset(BlockReader(data).split("validation"))
     quiet_loading()
-    model = load_model(model_dir)
+    model = build_model(model_dir, seed=0)
     args = TrainingArguments(output_dir=str(Path(out).parent / "trainer-out"), per_device_eval_batch_size=BATCH,
                              report_to=[], use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
                              save_strategy="no", logging_strategy="no")
@@ -130,12 +130,12 @@ def distclm_eval_inproc(data: Path, model_dir: Path) -> dict:
     from distclm.data.blocks import BlockReader
     from distclm.evaluation import evaluate
     from distclm.generate import quiet_loading
-    from distclm.model import load_model
+    from distclm.model import build_model
 
     quiet_loading()
     reader = BlockReader(str(data))
     blocks = reader.split("validation")
-    model = load_model(str(model_dir))
+    model = build_model(str(model_dir), seed=0)
     device = torch.device("cpu")
     walls, result = [], None
     for _ in range(2):  # best of two full passes (the CPU is shared)

@@ -35,11 +35,11 @@ WARMUP = 3
 
 def child_trainer(data: str, steps: int, model_name: str, times_out: str) -> None:
     import torch
+    from hf_blocks import trainer_dataset
     from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
     from distclm.data.blocks import BlockReader
-    from distclm.model import load_model
-    from hf_blocks import trainer_dataset
+    from distclm.model import build_model
 
     dataset = trainer_dataset(BlockReader(data).split("train"))
 
@@ -50,7 +50,7 @@ def child_trainer(data: str, steps: int, model_name: str, times_out: str) -> Non
             times.append(time.time())
 
     torch.manual_seed(0)
-    model = load_model(model_name)
+    model = build_model(model_name, seed=0)
     args = TrainingArguments(output_dir=str(Path(times_out).parent / "trainer-out"), learning_rate=2e-5,
                              weight_decay=0.01, per_device_train_batch_size=8, max_steps=steps,
                              eval_strategy="no", save_strategy="no", report_to=[], logging_steps=10**9,
@@ -65,11 +65,11 @@ def child_bare(data: str, steps: int, model_name: str, times_out: str) -> None:
     import torch
 
     from distclm.data.blocks import BlockReader
-    from distclm.model import load_model
+    from distclm.model import build_model
 
     blocks = BlockReader(data).split("train")
     torch.manual_seed(0)
-    model = load_model(model_name)
+    model = build_model(model_name, seed=0)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01, fused=True)
     perm = np.random.default_rng(0).permutation(len(blocks))

@@ -83,6 +83,20 @@ def parse(argv: list[str]) -> Invocation | None:
     if any(a in ("-h", "--help") for a in args):
         print(command_help(command))
         return None
+    flags, extras, positional = _split_args(args)
+    if extras.get("prompt") is not None:
+        flags["gen.prompt"] = extras.pop("prompt")
+    if "overwrite" in extras:
+        flags["run.overwrite"] = extras.pop("overwrite")
+    for name in ("verify", "print_config"):
+        if name in extras:
+            extras[name] = _as_bool(name, extras[name])
+    cfg = config.build_config(extras.pop("preset", None), extras.pop("config", None), flags)
+    return Invocation(command, cfg, positional, extras, list(args))
+
+
+def _split_args(args: list[str]) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """-> (config fields by dotted name, the other flags, positional arguments), each flag checked by name."""
     specs = config.field_specs()
     bools = _bool_fields()
     flags: dict[str, Any] = {}
@@ -105,10 +119,8 @@ def parse(argv: list[str]) -> Invocation | None:
             if takes_value and i < len(args) and not args[i].startswith("--"):
                 value = args[i]
                 i += 1
-            elif takes_value and is_field and name not in bools:
-                raise UserError(f"--{name} expects a value (--{name}=VALUE)")
             elif takes_value:
-                raise UserError(f"--{name} expects a value")
+                raise UserError(f"--{name} expects a value" + (f" (--{name}=VALUE)" if is_field else ""))
             elif i < len(args) and args[i].lower() in config._TRUE | config._FALSE:
                 # `--data.eos_between_docs false`: the value form every field accepts; left as a
                 # positional it was ignored and the bare flag silently meant true.
@@ -116,19 +128,8 @@ def parse(argv: list[str]) -> Invocation | None:
                 i += 1
             else:
                 value = "true"
-        if is_field:
-            flags[name] = value
-        else:
-            extras[name.replace("-", "_")] = value
-    if extras.get("prompt") is not None:
-        flags["gen.prompt"] = extras.pop("prompt")
-    if "overwrite" in extras:
-        flags["run.overwrite"] = extras.pop("overwrite")
-    for name in ("verify", "print_config"):
-        if name in extras:
-            extras[name] = _as_bool(name, extras[name])
-    cfg = config.build_config(extras.pop("preset", None), extras.pop("config", None), flags)
-    return Invocation(command, cfg, positional, extras, list(args))
+        (flags if is_field else extras)[name if is_field else name.replace("-", "_")] = value
+    return flags, extras, positional
 
 
 def _drop_local_rank(argv: list[str]) -> list[str]:
@@ -257,7 +258,8 @@ def _decode(tokenizer: str, ids: list[int]) -> str:
 
 
 def cmd_train(inv: Invocation) -> int:
-    from distclm.train import NonFinite, Preempted, train
+    from distclm.loop import NonFinite, Preempted
+    from distclm.train import train
 
     try:
         train(inv.cfg)

@@ -48,8 +48,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: Optional[str] = F(None, "Model: a hub id, a Hugging Face folder, a run dir, or a preset "
-                                  "(gpt2-tiny, distilgpt2-arch: random init).")
+    name: Optional[str] = F(None, "Model: a hub id, a Hugging Face folder, a run dir, or a preset built from "
+                                  "config with random init (gpt2-tiny, distilgpt2-arch, llama-tiny, qwen2-tiny, "
+                                  "neox-tiny).")
     trust_remote_code: bool = F(False, "Allow a hub model to run its own code (off unless you trust it).")
 
 
@@ -88,6 +89,9 @@ class EvalConfig:
     batch_size: int = F(8, "Blocks per process per eval forward.")
     every_steps: int = F(0, "Evaluate every N steps during training (0 = at each epoch end only).")
     output: Optional[str] = F(None, "Write the eval result as JSON to this file.")
+    max_blocks: Optional[int] = F(None, "Evaluate only the first N blocks of the split (the same blocks on any "
+                                        "world size); none = all of them.")
+    at_end: bool = F(True, "Evaluate after the last training step (also when it is not an epoch end).")
 
 
 @dataclass
@@ -108,7 +112,6 @@ class LogConfig:
     interval_s: float = F(10.0, "Seconds between plain console lines when there is no terminal.")
     peak_tflops: Optional[float] = F(None, "Device peak TFLOP/s for MFU (default: from a table of known GPUs).")
     block_ids: bool = F(False, "Append the block ids each rank trains on to RUN/block_ids-rank{R}.txt.")
-    tensorboard: bool = F(False, "Also write TensorBoard events.")
 
 
 @dataclass
@@ -321,7 +324,8 @@ def validate(cfg: Config) -> None:
     if not 0.0 <= d.val_fraction < 1.0:
         raise UserError(f"--data.val_fraction must be in [0, 1), got {d.val_fraction}")
     for key, value in {"data.max_docs": d.max_docs, "data.val_docs": d.val_docs,
-                       "data.num_workers": d.num_workers, "train.max_steps": t.max_steps}.items():
+                       "data.num_workers": d.num_workers, "train.max_steps": t.max_steps,
+                       "eval.max_blocks": cfg.eval.max_blocks}.items():
         if value is not None and value < (0 if key == "data.val_docs" else 1):
             raise UserError(f"--{key} must be positive, got {value}")
     for key, value in {"train.epochs": t.epochs, "train.warmup_steps": t.warmup_steps,
@@ -347,12 +351,23 @@ def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 
+def _shown(default: Any) -> str:
+    """A default as --help shows it: none, true/false, a quoted string when it has outer spaces."""
+    if default is None:
+        return "none"
+    if isinstance(default, bool):
+        return str(default).lower()
+    if isinstance(default, str) and default.strip() != default:
+        return repr(default)
+    return str(default)
+
+
 def help_lines() -> list[tuple[str, str]]:
     """(`--section.key`, "doc (default: X; one of a, b)") for every field, in tree order."""
     rows = []
     for key, (f, _tp) in field_specs().items():
         choices = f.metadata.get("choices")
-        default = "none" if f.default is None else str(f.default).lower() if isinstance(f.default, bool) else repr(f.default) if isinstance(f.default, str) and f.default.strip() != f.default else f.default
+        default = _shown(f.default)
         extra = f"default: {default}" + (f"; one of {'|'.join(choices)}" if choices else "")
         rows.append((f"--{key}", f"{f.metadata['doc']} ({extra})"))
     return rows

@@ -52,3 +52,40 @@ def all_reduce_sum(values):
     if td is not None and td.get_world_size() > 1:
         td.all_reduce(values, op=td.ReduceOp.SUM)
     return values
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` (any picklable value) on every rank; `obj` itself with no process group."""
+    td = _pg()
+    if td is None or td.get_world_size() == 1:
+        return obj
+    box = [obj]
+    td.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def destroy() -> None:
+    """barrier + destroy_process_group before exit: avoids a rare abort at interpreter shutdown."""
+    td = _pg()
+    if td is not None:
+        try:
+            td.barrier()
+        finally:
+            td.destroy_process_group()
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for a 1-node rendezvous on 127.0.0.1)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_launch_env() -> None:
+    """One process started without a launcher: the environment a 1-process group needs."""
+    if "WORLD_SIZE" not in os.environ:
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))

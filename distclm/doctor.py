@@ -78,26 +78,6 @@ def extensions_dir() -> str:
     return os.path.join(get_default_build_root(), f"py{sys.version_info.major}{sys.version_info.minor}_{cu}")
 
 
-def deepspeed_ops() -> tuple[str, list[tuple[str, str, str, str]]]:
-    """(accelerator, [(op, prebuilt, can JIT-build, JIT cache)]) as DeepSpeed sees this machine."""
-    try:
-        from deepspeed.git_version_info import accelerator_name, installed_ops
-        from deepspeed.ops.op_builder.all_ops import ALL_OPS
-        from deepspeed.ops.op_builder.builder import probe_is_compatible
-    except Exception as exc:  # not installed, or broken: say so instead of failing the whole report
-        return f"unavailable ({type(exc).__name__}: {exc})", []
-    cache = extensions_dir()
-    rows = []
-    for name, builder in sorted(ALL_OPS.items()):
-        if name == "deepspeed_not_implemented":
-            continue
-        so = os.path.join(cache, builder.name, f"{builder.name}.so")
-        rows.append((name, "yes" if installed_ops.get(name) else "no",
-                     "yes" if probe_is_compatible(builder, False) else "no",
-                     "built" if os.path.exists(so) else "-"))
-    return accelerator_name or "(not recorded at install)", rows
-
-
 def launcher_env(env=None) -> list[tuple[str, str]]:
     env = os.environ if env is None else env
     keys = [k for k in ENV_NAMES if k in env]
@@ -113,7 +93,9 @@ def _table(rows: list[tuple[str, ...]], indent: str = "  ") -> list[str]:
 
 
 def report(cfg: Config, mine: RankInfo) -> str:
-    accel, ops = deepspeed_ops()
+    from distclm.engine import deepspeed_ops
+
+    accel, ops = deepspeed_ops(extensions_dir())
     lines = [f"distclm doctor: rank {mine.rank} of {mine.world} on {mine.host}", "", "versions"]
     lines += _table(versions())
     lines += ["", f"deepspeed ops (accelerator {accel}; JIT cache {extensions_dir()})"]
@@ -122,10 +104,11 @@ def report(cfg: Config, mine: RankInfo) -> str:
     lines += _table(launcher_env())
     lines += ["", "resolved config"]
     try:
-        from distclm.accel import pick_backend, pick_precision, zero_stage
+        from distclm.ds_config import zero_stage
+        from distclm.engine import pick_backend, pick_precision
 
-        stage = zero_stage(cfg)
-        lines.append(f"  # backend {pick_backend(cfg)}, precision {pick_precision(cfg)}, "
+        stage = zero_stage(cfg.train.strategy)
+        lines.append(f"  # backend {pick_backend(cfg.train)}, precision {pick_precision(cfg.train)}, "
                      f"{'DeepSpeed ZeRO-' + str(stage) if stage else 'DDP'} (--train.strategy={cfg.train.strategy})")
     except UserError as exc:
         lines.append(f"  # cannot run as configured here: {exc}")
@@ -162,17 +145,13 @@ def _all_reduce(cfg: Config, mine: RankInfo, store, timeout_s: float) -> str | N
     import torch
     import torch.distributed as td
 
-    from distclm.accel import pick_backend
+    from distclm.engine import form_process_group, pick_backend
 
     try:
-        backend = pick_backend(cfg)
-        device = torch.device("cpu")
-        if backend == "nccl":
-            device = torch.device("cuda", mine.local_rank)
-            torch.cuda.set_device(device)
-        td.init_process_group(backend, store=td.PrefixStore("pg", store), rank=mine.rank, world_size=mine.world,
-                              timeout=timedelta(seconds=timeout_s))
-        x = torch.ones(1024, device=device)
+        # The same process-group formation as train, eval and generate, on the check-in store.
+        form_process_group(cfg.train, store=td.PrefixStore("pg", store), needed=True)
+        cuda = pick_backend(cfg.train) == "nccl"
+        x = torch.ones(1024, device=torch.device("cuda", mine.local_rank) if cuda else torch.device("cpu"))
         td.all_reduce(x)
         if not bool((x == mine.world).all()):
             return f"all-reduce of ones gave {x[0].item()}, expected {mine.world}"

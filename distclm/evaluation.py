@@ -14,6 +14,7 @@ forwards on a block it does not count.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -85,56 +86,48 @@ def evaluate(model, blocks, batch_size: int, device, collective_forward: bool = 
 
 def write_result(result: dict, path: str) -> None:
     import json
-    import os
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(result, fh, indent=2)
-        fh.write("\n")
-    os.replace(tmp, path)
+    from distclm.atomic import atomic_write
 
-
-def how_held(model) -> str:
-    """How this rank holds the weights: partitioned by ZeRO-3 (DeepSpeed marks such parameters) or whole."""
-    if hasattr(next(model.parameters()), "ds_id"):
-        return "DeepSpeed ZeRO-3 (parameters partitioned across processes)"
-    return "a full copy of the model per process"
+    atomic_write(Path(path), (json.dumps(result, indent=2) + "\n").encode())
 
 
 def eval_command(cfg) -> int:
     """`distclm eval`: perplexity of --model.name on --data.dir's --eval.split; rank 0 prints and writes JSON.
 
-    --train.strategy=zero3 evaluates through DeepSpeed ZeRO-3 (parameters partitioned across ranks);
-    any other strategy keeps a full copy of the model on every rank.
+    --train.strategy=zero3 builds the model partitioned across the ranks (DeepSpeed ZeRO-3, every forward
+    collective): no rank ever holds all of it. Any other strategy keeps a full copy on every rank.
     """
-    from distclm import accel
     from distclm.data.blocks import BlockReader
+    from distclm.engine import Engine
     from distclm.errors import UserError
     from distclm.generate import quiet_loading
-    from distclm.model import load_model, resolve_model_dir
+    from distclm.model import ModelShape, build_model, check_data_fits, load_config, resolve_model_dir
 
     if not cfg.model.name:
         raise UserError("--model.name is required: a run dir, a Hugging Face folder or a hub id")
     if not cfg.data.dir:
         raise UserError("--data.dir is required: a folder made by `distclm prepare`")
     reader = BlockReader(cfg.data.dir)
-    blocks = reader.split(cfg.eval.split)
+    blocks = reader.split(cfg.eval.split).first(cfg.eval.max_blocks)
     quiet_loading()
-    torch.manual_seed(cfg.train.seed)  # a preset (random-init) model: the same weights on every rank
-    model = load_model(cfg.model.name, cfg.model.trust_remote_code)
-    reader.check_model(model.config.vocab_size, model.config.n_positions, f"--model.name={cfg.model.name}")
+    shape = ModelShape.of(load_config(cfg.model.name, cfg.model.trust_remote_code))
+    check_data_fits(shape, reader, f"--model.name={cfg.model.name}")
+    engine = Engine.start(cfg.train, shape.hidden_size, training=False)
     try:
-        model, device = accel.prepare_for_inference(cfg, model)
-        if dist.is_rank0():
+        engine.wrap_for_inference(build_model(cfg.model.name, cfg.train.seed, cfg.model.trust_remote_code))
+        held = "partitioned across processes (DeepSpeed ZeRO-3)" if engine.forward_is_collective else \
+            "a full copy per process"
+        if engine.is_main:
             print(f"eval: {resolve_model_dir(cfg.model.name)} on {cfg.data.dir} [{cfg.eval.split}], "
-                  f"{len(blocks):,} blocks, {dist.world_size()} process(es), {how_held(model)}", flush=True)
-        result = evaluate(model, blocks, cfg.eval.batch_size, device,
-                          collective_forward=accel.zero_stage(cfg) == 3)
+                  f"{len(blocks):,} blocks{' (--eval.max_blocks)' if cfg.eval.max_blocks else ''}, {engine.world} "
+                  f"process(es), weights {held}", flush=True)
+        result = evaluate(engine.model, blocks, cfg.eval.batch_size, engine.device,
+                          collective_forward=engine.forward_is_collective)
     finally:
         reader.close()
-        accel.destroy()
-    if dist.is_rank0():
+        engine.close()
+    if engine.is_main:
         print(f"loss: {result['loss']:.6f}  tokens: {result['tokens']:,}  blocks: {result['blocks']:,}  "
               f"world_size: {result['world_size']}")
         print(f"perplexity: {result['perplexity']:.6f}")

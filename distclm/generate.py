@@ -1,9 +1,14 @@
 """Sampling from a trained model: the tutorial's defaults (100 new tokens, top-k 50, top-p 0.95).
 
-Generation runs on one process from full weights (an export, a checkpoint's model/ folder, which
-holds the consolidated weights even for ZeRO-3 runs, or a hub id), so a ZeRO-3 run never has to
-keep its ranks in step through `generate`. Under a multi-process launch only rank 0 reads the
-prompts and generates; the other ranks return at once.
+Two ways, by --train.strategy:
+- default: one process holds the full weights (an export, a checkpoint's model/ folder, or a hub id)
+  and generates; under a multi-process launch only rank 0 reads the prompts and generates.
+- zero3 under a launcher: every rank builds the model partitioned (1/world of the weights each) and
+  runs `generate` with synchronised forwards (`synced_gpus`): each forward gathers one layer at a time
+  from all ranks, so a model that fits no single device still generates. Rank 0 reads the prompts and
+  broadcasts them; every rank computes the same tokens (same weights, same seed) and rank 0 prints.
+  Memory per rank: its shard of the weights plus the layers being gathered; the cost is an all-gather
+  per layer per new token.
 
 Batched prompts are left-padded with eos as the pad token (a decoder continues from the right end
 of every row); `transformers.set_seed(gen.seed)` is called right before `generate`, so the same seed
@@ -18,6 +23,7 @@ import torch
 
 from distclm import dist
 from distclm.errors import UserError
+from distclm.model import ModelShape
 
 
 def read_prompts(prompt: str | None, prompt_file: str | None) -> list[str]:
@@ -56,8 +62,9 @@ def generation_kwargs(gen, pad_token_id: int) -> dict:
     return kwargs
 
 
-def generate(model, tokenizer, prompts: list[str], gen, device=None) -> list[list[str]]:
-    """For each prompt, `num_return_sequences` full texts (prompt + continuation)."""
+def generate(model, tokenizer, prompts: list[str], gen, device=None, synced: bool = False) -> list[list[str]]:
+    """For each prompt, `num_return_sequences` full texts (prompt + continuation). `synced`: every rank of a
+    ZeRO-3 group runs this together (forwards continue until all ranks are done)."""
     from transformers import set_seed
 
     device = device or next(model.parameters()).device
@@ -65,8 +72,9 @@ def generate(model, tokenizer, prompts: list[str], gen, device=None) -> list[lis
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     kwargs = generation_kwargs(gen, tokenizer.pad_token_id)
-    enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)  # (P, longest prompt)
-    limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    # verbose=False: a prompt longer than the model gets our one-line error below, not a tokenizer warning too
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, verbose=False).to(device)  # (P, longest prompt)
+    limit = ModelShape.of(model.config).max_positions
     if limit and enc["input_ids"].shape[1] + gen.max_new_tokens > limit:
         raise UserError(f"the longest prompt ({enc['input_ids'].shape[1]} tokens) + --gen.max_new_tokens="
                         f"{gen.max_new_tokens} exceeds the model's {limit} positions; shorten the prompt or "
@@ -74,7 +82,7 @@ def generate(model, tokenizer, prompts: list[str], gen, device=None) -> list[lis
     model.eval()
     set_seed(gen.seed)
     with torch.no_grad():
-        out = model.generate(**enc, **kwargs)  # (P * n, longest prompt + new)
+        out = model.generate(**enc, **kwargs, synced_gpus=synced)  # (P * n, longest prompt + new)
     texts = tokenizer.batch_decode(out, skip_special_tokens=True)
     n = gen.num_return_sequences
     return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
@@ -88,24 +96,53 @@ def quiet_loading() -> None:
 
 
 def generate_command(cfg, prompt_file: str | None = None) -> int:
-    from distclm.model import load_model, load_model_tokenizer
+    from distclm.ds_config import zero_stage
 
     if not cfg.model.name:
         raise UserError("--model.name is required: a run dir, a Hugging Face folder or a hub id")
-    if not dist.is_rank0():
+    partitioned = zero_stage(cfg.train.strategy) == 3 and dist.world_size() > 1
+    if not partitioned and not dist.is_rank0():
         return 0  # rank 0 generates from full weights; reading stdin here too would steal its prompts
-    prompts = read_prompts(cfg.gen.prompt, prompt_file)
+    prompts = read_prompts(cfg.gen.prompt, prompt_file) if dist.is_rank0() else None
     generation_kwargs(cfg.gen, 0)  # bad --gen.* settings fail before the model loads
     quiet_loading()
-    model = load_model(cfg.model.name, cfg.model.trust_remote_code)
-    tokenizer = load_model_tokenizer(cfg.model.name, cfg.data.tokenizer)
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    model.to(device)
-    for prompt, samples in zip(prompts, generate(model, tokenizer, prompts, cfg.gen, device)):
+    if partitioned:
+        model, device, engine = _partitioned(cfg)
+        prompts = engine.broadcast(prompts)
+    else:
+        from distclm.model import build_model
+
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        model, engine = build_model(cfg.model.name, cfg.train.seed, cfg.model.trust_remote_code).to(device), None
+    try:
+        from distclm.model import load_model_tokenizer
+
+        tokenizer = load_model_tokenizer(cfg.model.name, cfg.data.tokenizer)
+        results = generate(model, tokenizer, prompts, cfg.gen, device, synced=engine is not None)
+    finally:
+        if engine is not None:
+            engine.close()
+    if dist.is_rank0():
+        print_samples(prompts, results)
+    return 0
+
+
+def _partitioned(cfg):
+    """ZeRO-3: the model built partitioned on every rank, wrapped for forwards (see the module docstring)."""
+    from distclm.engine import Engine
+    from distclm.model import ModelShape, build_model, load_config
+
+    shape = ModelShape.of(load_config(cfg.model.name, cfg.model.trust_remote_code))
+    engine = Engine.start(cfg.train, shape.hidden_size, training=False)
+    engine.wrap_for_inference(build_model(cfg.model.name, cfg.train.seed, cfg.model.trust_remote_code))
+    return engine.module, engine.device, engine
+
+
+def print_samples(prompts: list[str], results: list[list[str]]) -> None:
+    for samples in results:
         for i, text in enumerate(samples):
             if len(samples) > 1:
                 print(f"--- sample {i + 1}/{len(samples)}")
             print(text)
         if len(prompts) > 1:
             print()
-    return 0

@@ -1,13 +1,15 @@
 """Throughput, FLOPs per token and MFU: pure functions and a small meter, no torch at import.
 
-FLOPs per token for a decoder-only transformer (Kaplan et al. 2020, the PaLM paper's appendix B):
+FLOPs per token for a decoder-only transformer (Kaplan et al. 2020, the PaLM paper's appendix B),
+from the model's own shape:
 
-    flops_per_token = 6 * N  +  12 * n_layer * n_embd * seq_len
+    flops_per_token = 6 * N  +  12 * n_layers * (n_heads * head_dim) * seq_len
 
-6N: forward (2N) + backward (4N) FLOPs for each matmul parameter. N is the parameter count less the
-position embedding (a lookup, no matmul); the token embedding stays in, as it is the tied LM head.
-The second term is attention's QK^T and AV, which have no parameters: per layer and token
-2 matmuls x 2 FLOPs x seq_len x n_embd forward, x3 with backward.
+6N: forward (2N) + backward (4N) FLOPs for each parameter that takes part in a matmul: N is the
+parameter count less embedding lookups (input and position embeddings); an embedding tied to the
+output layer stays in, as it is the LM head's matmul (model.matmul_parameters). The second term is
+attention's QK^T and AV, which have no parameters: per layer and token 2 matmuls x 2 FLOPs x seq_len
+x (heads x head dim) forward, x3 with backward. A fused loss does the same matmuls (chunk by chunk).
 
     MFU = tokens_per_s * flops_per_token / (peak_flops_per_device * n_devices)
 """
@@ -27,9 +29,9 @@ PEAK_TFLOPS = {
 }
 
 
-def flops_per_token(n_params: int, n_layer: int, n_embd: int, seq_len: int, n_pos_params: int = 0) -> float:
-    """Training FLOPs per token: 6 * (N - position embedding) + 12 * n_layer * n_embd * seq_len."""
-    return 6.0 * (n_params - n_pos_params) + 12.0 * n_layer * n_embd * seq_len
+def flops_per_token(matmul_params: int, n_layers: int, attn_width: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6 * N + 12 * n_layers * attn_width * seq_len (attn_width = heads x head dim)."""
+    return 6.0 * matmul_params + 12.0 * n_layers * attn_width * seq_len
 
 
 def peak_tflops_for(device_name: str | None, override: float | None = None) -> float | None:
@@ -79,6 +81,23 @@ class ThroughputMeter:
     def mfu(self) -> float | None:
         tps = self.tokens_per_s
         return None if tps is None else mfu(tps, self.flops_per_token, self.peak_tflops, self.n_devices)
+
+
+def device_name(device) -> str | None:
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else None
+
+
+def memory_bytes(device) -> int:
+    """Peak allocated device memory on GPU; resident memory of this process on CPU."""
+    if device.type == "cuda":
+        import torch
+
+        return int(torch.cuda.max_memory_allocated(device))
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
 
 
 class MetricsFile:

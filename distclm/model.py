@@ -1,27 +1,72 @@
-"""Load a causal LM and its tokenizer: a hub id, a local Hugging Face folder, a run dir, or a preset.
+"""Causal LMs and their tokenizers: a hub id, a local Hugging Face folder, a run dir, or a named preset.
 
-No distributed code here (torchtitan's rule): parallelism is applied in accel.py.
+Any `AutoModelForCausalLM` architecture whose configuration has the standard fields works: sizes are
+read through `ModelShape` (hidden_size, num_hidden_layers, num_attention_heads,
+max_position_embeddings, vocab_size, of the text config for composite models), never through one
+architecture's attribute names. No distributed code here (torchtitan's rule): under ZeRO-3 the
+engine registers DeepSpeed's config before `build_model` runs, and transformers then constructs and
+loads the model partitioned (`zero.Init`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
+from distclm.data.tokenize import GPT2_REFERENCE
 from distclm.errors import UserError
 
 # Named architectures built from config with random init: offline, for tests, the demo and benchmarks.
-ARCH_PRESETS = {
-    # 2 layers, 128 wide, GPT-2 vocab: ~6.96 M parameters (6.43 M of them the embedding). No dropout:
-    # a tiny model does not need it, and runs on 1 and N processes then compute the same numbers.
-    "gpt2-tiny": dict(n_layer=2, n_embd=128, n_head=4, n_positions=1024,
-                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+# GPT-2 vocabulary (the vendored tokenizer), no dropout: runs on 1 and N processes compute the same numbers.
+_GPT2_VOCAB = dict(vocab_size=GPT2_REFERENCE["vocab_size"], bos_token_id=GPT2_REFERENCE["eos_token_id"],
+                   eos_token_id=GPT2_REFERENCE["eos_token_id"])
+_TINY = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=1024)
+ARCH_PRESETS: dict[str, tuple[str, dict]] = {
+    # 2 layers, 128 wide: ~6.96 M parameters, 6.43 M of them the (tied) embedding.
+    "gpt2-tiny": ("gpt2", dict(n_layer=2, n_embd=128, n_head=4, n_positions=1024,
+                               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),
     # DistilGPT2's exact shape: 6 layers, 768 wide, 12 heads, 1024 positions (~81.9 M parameters).
-    "distilgpt2-arch": dict(n_layer=6, n_embd=768, n_head=12, n_positions=1024),
+    "distilgpt2-arch": ("gpt2", dict(n_layer=6, n_embd=768, n_head=12, n_positions=1024,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),
+    # RMSNorm, RoPE, SwiGLU, grouped-query attention (2 KV heads), untied output embedding.
+    "llama-tiny": ("llama", dict(_TINY, intermediate_size=256, num_key_value_heads=2, tie_word_embeddings=False)),
+    # Llama-like with biases on q/k/v, tied embedding.
+    "qwen2-tiny": ("qwen2", dict(_TINY, intermediate_size=256, num_key_value_heads=2, tie_word_embeddings=True)),
+    # Parallel residual, partial rotary (25% of each head), untied output embedding.
+    "neox-tiny": ("gpt_neox", dict(_TINY, intermediate_size=512, rotary_pct=0.25, hidden_dropout=0.0,
+                                   attention_dropout=0.0, tie_word_embeddings=False)),
 }
 
 
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes distclm needs, in the standard configuration names."""
+
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    max_positions: int | None  # None: no position limit (the architecture has none)
+    vocab_size: int
+
+    @classmethod
+    def of(cls, config) -> "ModelShape":
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+                   if getattr(text, k, None) is None]
+        if missing:
+            raise UserError(f"model type {text.model_type!r}: its configuration lacks {', '.join(missing)}, which "
+                            f"distclm reads to size the run; only causal LMs with the standard fields are supported")
+        heads = int(text.num_attention_heads)
+        head_dim = getattr(text, "head_dim", None) or int(text.hidden_size) // heads
+        positions = getattr(text, "max_position_embeddings", None)
+        return cls(text.model_type, int(text.hidden_size), int(text.num_hidden_layers), heads, int(head_dim),
+                   int(positions) if positions else None, int(text.vocab_size))
+
+
 def resolve_model_dir(name: str) -> str:
-    """A run dir means its export (if present) or its newest complete checkpoint's weights."""
+    """A run dir means its export (if present) or its newest complete checkpoint that holds full weights."""
     path = Path(name).expanduser()
     if path.is_dir() and (path / "config.yaml").exists() and not (path / "config.json").exists():
         if (path / "export" / "config.json").exists():
@@ -29,10 +74,10 @@ def resolve_model_dir(name: str) -> str:
         ckpts = sorted((p for p in (path / "checkpoints").glob("step-*") if (p / "COMPLETE").exists()),
                        key=lambda p: int(p.name.split("-")[1]))
         for ckpt in reversed(ckpts):
-            if (ckpt / "model" / "config.json").exists():
+            if any((ckpt / "model").glob("*.safetensors")):
                 return str(ckpt / "model")
-        raise UserError(f"--model.name={name}: a run dir with no export/ and no complete checkpoint with weights; "
-                        f"run `distclm export {name}` or train it first")
+        raise UserError(f"--model.name={name}: a run dir with no export/ and no checkpoint holding full weights "
+                        f"(ZeRO-3 checkpoints hold shards only); run `distclm export {name}` first")
     return name
 
 
@@ -40,43 +85,97 @@ def is_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
 
 
-def load_model(name: str, trust_remote_code: bool = False, dtype=None):
-    """The model (torch.nn.Module, fp32 unless `dtype`), random init for presets."""
-    import torch
-    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+def preset_config(name: str):
+    from transformers import AutoConfig
+
+    model_type, kwargs = ARCH_PRESETS[name]
+    return AutoConfig.for_model(model_type, **_GPT2_VOCAB, **kwargs)
+
+
+def load_config(name: str, trust_remote_code: bool = False):
+    """The model's configuration only (no weights): enough to size and check a run before any set-up."""
+    from transformers import AutoConfig
 
     if name in ARCH_PRESETS:
-        config = GPT2Config(vocab_size=50257, bos_token_id=50256, eos_token_id=50256, loss_type="ForCausalLM",
-                            **ARCH_PRESETS[name])
-        config._attn_implementation = "sdpa"
-        return _causal_lm_loss(GPT2LMHeadModel(config))
-    name = resolve_model_dir(name)
-    local = is_local(name)
-    if local and not (Path(name).expanduser() / "config.json").exists():
-        raise UserError(f"--model.name={name}: not a Hugging Face model folder (no config.json), a run dir, "
-                        f"or a preset ({', '.join(ARCH_PRESETS)})")
-    if not local:
-        from distclm.hub import ensure_offline_if_unreachable
-
-        ensure_offline_if_unreachable()
+        return preset_config(name)
+    source = _source(name)
     try:
-        return _causal_lm_loss(AutoModelForCausalLM.from_pretrained(
-            str(Path(name).expanduser()) if local else name, trust_remote_code=trust_remote_code,
-            dtype=dtype or torch.float32, attn_implementation="sdpa"))
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - hub and file errors come in many types
-        first = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
-        if local:
-            raise UserError(f"--model.name={name}: cannot load the model from this folder ({first})") from None
-        from distclm.hub import hub_reachable, offline_hint
-
-        why = offline_hint("model", "--model.name") if not hub_reachable() else first
-        if "trust_remote_code" in first:
-            why = f"{first}; pass --model.trust_remote_code=true only if you trust its code"
-        raise UserError(f"--model.name={name}: cannot load it from the Hugging Face Hub: {why}; "
-                        f"or use a preset: --model.name=gpt2-tiny") from None
+        raise _load_error(name, exc) from None
 
 
-def _causal_lm_loss(model):
+def _source(name: str) -> str:
+    """A local folder (checked) or a hub id (offline mode switched on at once when the hub is unreachable)."""
+    name = resolve_model_dir(name)
+    if is_local(name):
+        folder = Path(name).expanduser()
+        if not (folder / "config.json").exists():
+            raise UserError(f"--model.name={name}: not a Hugging Face model folder (no config.json), a run dir, "
+                            f"or a preset ({', '.join(ARCH_PRESETS)})")
+        return str(folder)
+    from distclm.hub import ensure_offline_if_unreachable
+
+    ensure_offline_if_unreachable()
+    return name
+
+
+def _load_error(name: str, exc: Exception) -> UserError:
+    first = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+    if is_local(name):
+        return UserError(f"--model.name={name}: cannot load the model from this folder ({first})")
+    from distclm.hub import hub_reachable, offline_hint
+
+    why = offline_hint("model", "--model.name") if not hub_reachable() else first
+    if "trust_remote_code" in first:
+        why = f"{first}; pass --model.trust_remote_code=true only if you trust its code"
+    return UserError(f"--model.name={name}: cannot load it from the Hugging Face Hub: {why}; "
+                     f"or use a preset: --model.name=gpt2-tiny")
+
+
+def build_model(name: str, seed: int, trust_remote_code: bool = False, dtype=None):
+    """The model (fp32 unless `dtype`): pretrained weights, or a preset's seeded random init.
+
+    A preset is initialised the same way whether or not ZeRO-3 partitions it during construction:
+    torch's own init is skipped and transformers' `initialize_weights` runs once, in module order,
+    from `seed` (under ZeRO-3 transformers does exactly this, one gathered module at a time).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if name in ARCH_PRESETS:
+        from contextlib import nullcontext
+
+        from transformers.initialization import no_init_weights
+
+        zero3 = is_deepspeed_zero3_enabled()  # transformers then skips torch's init and initialises itself
+        torch.manual_seed(seed)
+        with nullcontext() if zero3 else no_init_weights():
+            model = AutoModelForCausalLM.from_config(preset_config(name), attn_implementation="sdpa",
+                                                     dtype=dtype or torch.float32)
+        if not zero3:
+            torch.manual_seed(seed)
+            model.initialize_weights()
+            model.tie_weights()
+        return _named_loss(model)
+    source = _source(name)
+    kwargs = dict(trust_remote_code=trust_remote_code, dtype=dtype or torch.float32)
+    try:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, attn_implementation="sdpa", **kwargs)
+        except ValueError as exc:  # an architecture without SDPA support: its default attention
+            if "sdpa" not in str(exc).lower():
+                raise
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - hub and file errors come in many types
+        raise _load_error(name, exc) from None
+    return _named_loss(model)
+
+
+def _named_loss(model):
     """Name the loss transformers would fall back to anyway, so it does not warn about it on every rank."""
     if getattr(model, "loss_type", None) is None:
         model.loss_type = "ForCausalLM"
@@ -89,12 +188,45 @@ def load_model_tokenizer(name: str, data_tokenizer: str = "gpt2"):
 
     if name in ARCH_PRESETS:
         return load_hf_tokenizer(data_tokenizer)[0]
-    resolved = resolve_model_dir(name)
     try:
-        return load_hf_tokenizer(resolved)[0]
+        return load_hf_tokenizer(resolve_model_dir(name))[0]
     except UserError:
         return load_hf_tokenizer(data_tokenizer)[0]
 
 
-def n_params(model, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+def check_data_fits(shape: ModelShape, reader, flag: str) -> None:
+    """The prepared data must fit the model, said in the model's own terms: ids < vocab, block <= positions."""
+    where = reader.folder / "manifest.json"
+    if reader.vocab_size > shape.vocab_size:
+        raise UserError(f"{flag}: its vocabulary has {shape.vocab_size:,} tokens (vocab_size of its {shape.model_type} "
+                        f"config) but {where} was tokenized with {reader.manifest.get('tokenizer', {}).get('name')} "
+                        f"({reader.vocab_size:,} tokens); prepare the data with the model's tokenizer (--data.tokenizer)")
+    if shape.max_positions is not None and reader.block_size > shape.max_positions:
+        raise UserError(f"{flag}: it handles at most {shape.max_positions} positions (max_position_embeddings of its "
+                        f"{shape.model_type} config) but {where} has blocks of {reader.block_size} tokens; prepare "
+                        f"with --data.block_size<={shape.max_positions}")
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) parameter elements, each tied tensor once (ds_numel: a ZeRO-3 parameter's full size)."""
+    total = trainable = 0
+    for p in model.parameters():
+        n = getattr(p, "ds_numel", p.numel())
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def matmul_parameters(model) -> int:
+    """Parameters that take part in a matmul per token: all of them, less embedding lookups.
+
+    An input or position embedding is a lookup (no FLOPs); an embedding tied to the output layer is
+    also the LM head's matmul, so it stays in.
+    """
+    import torch
+
+    out = model.get_output_embeddings()
+    head = id(out.weight) if out is not None else None
+    lookups = sum(getattr(m.weight, "ds_numel", m.weight.numel()) for m in model.modules()
+                  if isinstance(m, torch.nn.Embedding) and id(m.weight) != head)
+    return parameter_counts(model)[1] - lookups

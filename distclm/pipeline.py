@@ -56,7 +56,7 @@ def check_reachable(cfg) -> None:
 
 
 def train_in_children(cfg, nproc: int) -> None:
-    from distclm.accel import free_port
+    from distclm.dist import free_port
 
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -74,18 +74,15 @@ def train_in_children(cfg, nproc: int) -> None:
         raise SystemExit(rc if rc in (2, 143) else 1)
 
 
-def perplexity_of(model_name: str, cfg, seed: int | None = None) -> dict:
+def perplexity_of(model_name: str, cfg, seed: int = 0) -> dict:
     """One-process eval of a model on the validation split (`seed`: the init of a preset model)."""
     import torch
 
     from distclm.data.blocks import BlockReader
     from distclm.evaluation import evaluate
-    from distclm.model import load_model
-    from distclm.train import set_seed
+    from distclm.model import build_model
 
-    if seed is not None:
-        set_seed(seed)
-    model = load_model(model_name, cfg.model.trust_remote_code)
+    model = build_model(model_name, seed, cfg.model.trust_remote_code)
     reader = BlockReader(cfg.data.dir)
     return evaluate(model, reader.split(cfg.eval.split), cfg.eval.batch_size, torch.device("cpu")
                     if not torch.cuda.is_available() else torch.device("cuda"))
@@ -94,9 +91,8 @@ def perplexity_of(model_name: str, cfg, seed: int | None = None) -> dict:
 def run_all(cfg, argv: list[str] | None = None) -> int:
     from distclm.console import PrepareProgress
     from distclm.data.prepare import prepare
-    from distclm.train import default_run_dir
-
     from distclm.generate import quiet_loading
+    from distclm.rundir import default_run_dir
 
     check_reachable(cfg)
     quiet_loading()
@@ -124,10 +120,10 @@ def run_all(cfg, argv: list[str] | None = None) -> int:
         f"before/after = {before['perplexity'] / after['perplexity']:.1f}x")
     if cfg.gen.prompt:
         from distclm.generate import generate
-        from distclm.model import load_model, load_model_tokenizer
+        from distclm.model import build_model, load_model_tokenizer
 
         g = cfg.gen
-        model = load_model(str(export))
+        model = build_model(str(export), seed=0)
         tok = load_model_tokenizer(str(export), cfg.data.tokenizer)
         text = generate(model, tok, [g.prompt], g)[0][0]
         how = f"top-k {g.top_k}, top-p {g.top_p}, temperature {g.temperature}" if g.do_sample else "greedy"

@@ -1,67 +1,21 @@
-"""Shared helpers for the distclm tests: real text, the CLI in and out of process, reference packing.
+"""Fixtures of the whole suite. Helpers live in tests/support (imported as `tests.support.*`).
 
-Everything runs offline and without /work/shared: the text is Python's own `pydoc_data.topics`
-(what `--data.source=pydoc` reads) or small files written into tmp_path. Reference numbers are
-computed here the simple way (tokenize every document with the HF tokenizer, concatenate, cut)
-so that the streaming, threaded, resumable prepare is checked against an obviously right answer.
+Everything runs offline and without /work/shared: the text is Python's own `pydoc_data.topics` (what
+`--data.source=pydoc` reads) or small files written into tmp_path.
 """
 
 from __future__ import annotations
 
-import gzip
-import json
-import os
-import subprocess
-import sys
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support.cli import Result, run_cli
+from tests.support.data import BIG_ARGS, PYDOC_ARGS, pydoc_texts, write_jsonl
+from tests.support.env import offline
+from tests.support.runs import SharedRuns
 
-# Offline and deterministic wherever the suite runs: no hub probe, no user cache that could hold a
-# real `gpt2` download and make the "hub id offline" tests pass for the wrong reason.
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["HF_HOME"] = os.path.join(tempfile.gettempdir(), f"distclm-tests-hf-home-{os.getpid()}")
-os.environ["TOKENIZERS_PARALLELISM"] = "false"
-
-
-def pydoc_texts() -> list[str]:
-    """The documents of `--data.source=pydoc`, in its order (topics sorted by name)."""
-    from pydoc_data.topics import topics
-
-    return [topics[name] for name in sorted(topics)]
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "wt", encoding="utf-8") as fh:
-        for rec in records:
-            fh.write(json.dumps(rec) + "\n")
-    return path
-
-
-# ---------------------------------------------------------------------------------------------
-# Running the CLI
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-    def error_line(self) -> str:
-        """The one line a user error must produce (asserts it is one line, no traceback)."""
-        lines = self.err.strip().splitlines()
-        assert self.code == 2, (self.code, self.out, self.err)
-        assert len(lines) == 1, self.err
-        assert "Traceback" not in self.err
-        assert lines[0].startswith("distclm: error: "), lines[0]
-        return lines[0]
+offline()
 
 
 @pytest.fixture
@@ -78,49 +32,6 @@ def cli(capsys):
     return run
 
 
-def subprocess_env(**extra: str) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(extra)
-    return env
-
-
-def run_cli(*args, cwd: Path | None = None, env: dict | None = None, timeout: float = 120) -> Result:
-    """Run `python -m distclm.cli ARGS` as a real process (stdout is a pipe, not a terminal)."""
-    proc = subprocess.run([sys.executable, "-m", "distclm.cli", *map(str, args)], cwd=cwd,
-                          env=env or subprocess_env(), capture_output=True, text=True, timeout=timeout)
-    return Result(proc.returncode, proc.stdout, proc.stderr)
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading a prepared folder through the contract only (not through distclm's reader)
-
-
-def manifest_of(folder: Path) -> dict:
-    return json.loads((Path(folder) / "manifest.json").read_text(encoding="utf-8"))
-
-
-def read_split(folder: Path, split: str) -> np.ndarray:
-    """All blocks of a split, shape (n_blocks, block_size), read with np.memmap as DESIGN.md says."""
-    m = manifest_of(folder)
-    parts = [np.memmap(Path(folder) / s["file"], dtype=m["dtype"], mode="r").reshape(-1, m["block_size"])
-             for s in m["splits"][split]["shards"]]
-    if not parts:
-        return np.zeros((0, m["block_size"]), dtype=m["dtype"])
-    return np.concatenate(parts)
-
-
-def output_bytes(folder: Path) -> dict[str, bytes]:
-    """The files that must be byte-identical across worker counts: shards + manifest (not prepare.yaml)."""
-    folder = Path(folder)
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())
-            if p.name == "manifest.json" or p.suffix == ".bin"}
-
-
-# ---------------------------------------------------------------------------------------------
-# The obviously right answer
-
-
 @pytest.fixture(scope="session")
 def hf_gpt2():
     """The vendored GPT-2 tokenizer as transformers loads it (the reference for every id)."""
@@ -129,49 +40,8 @@ def hf_gpt2():
     return load_hf_tokenizer("gpt2")[0]
 
 
-def encode_all(hf, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text, one by one through transformers (no distclm code involved)."""
-    return hf(list(texts), add_special_tokens=False)["input_ids"] if texts else []
-
-
-def reference_split(ids: list[list[int]], eos: int | None, block_size: int) -> dict:
-    """Concatenate the split's documents (EOS after each when given), cut into blocks, drop the tail."""
-    docs = [d for d in ids if d]  # empty documents contribute nothing
-    stream = [t for d in docs for t in (d + ([eos] if eos is not None else []))]
-    n_blocks = len(stream) // block_size
-    blocks = np.array(stream[:n_blocks * block_size], dtype=np.int64).reshape(n_blocks, block_size)
-    return {"blocks": blocks, "n_tokens": len(stream), "n_docs": len(docs),
-            "dropped_tokens": len(stream) - n_blocks * block_size, "n_blocks": n_blocks}
-
-
-def reference(ids: list[list[int]], labels: list[str], eos: int | None, block_size: int) -> dict:
-    return {split: reference_split([d for d, lab in zip(ids, labels) if lab == split], eos, block_size)
-            for split in ("train", "validation")}
-
-
-def assert_matches_reference(folder: Path, ref: dict) -> None:
-    m = manifest_of(folder)
-    for split, r in ref.items():
-        s = m["splits"][split]
-        got = read_split(folder, split)
-        assert got.shape == r["blocks"].shape, split
-        np.testing.assert_array_equal(got.astype(np.int64), r["blocks"], err_msg=split)
-        assert (s["n_tokens"], s["n_docs"], s["dropped_tokens"], s["n_blocks"]) == \
-            (r["n_tokens"], r["n_docs"], r["dropped_tokens"], r["n_blocks"]), split
-        assert s["dropped_tokens"] < m["block_size"]
-
-
-def carved_labels(n: int, seed: int, val_fraction: float) -> list[str]:
-    """The per-document split prepare promises: a seeded function of the document's position."""
-    from distclm.data.prepare import split_of
-
-    return [split_of(i, seed, val_fraction) for i in range(n)]
-
-
 # ---------------------------------------------------------------------------------------------
 # Prepared folders shared by many tests (treat as read-only; copy before damaging one)
-
-PYDOC_ARGS = ["--data.source=pydoc", "--data.shard_blocks=100", "--data.block_size=128"]
 
 
 @pytest.fixture(scope="session")
@@ -193,9 +63,6 @@ def big_corpus(tmp_path_factory) -> Path:
     return path
 
 
-BIG_ARGS = ["--data.shard_blocks=256", "--data.block_size=128"]
-
-
 @pytest.fixture(scope="session")
 def big_prepared(big_corpus, tmp_path_factory) -> Path:
     """The big corpus prepared without interruption (2 workers): ~5.6 MB of shards in ~90 files."""
@@ -207,25 +74,42 @@ def big_prepared(big_corpus, tmp_path_factory) -> Path:
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Fixtures of the multi-process tests (tests/dist, tests/multinode). Their helpers live in
-# tests/dist/distrun.py; one conftest for the whole suite, so `from conftest import ...` is unambiguous.
-
-sys.path.insert(0, str(ROOT / "tests" / "dist"))
-from distrun import REPO, Runs, child_env  # noqa: E402
-
-
 @pytest.fixture(scope="session")
 def pydoc_blocks(tmp_path_factory) -> Path:
-    """The embedded pydoc corpus prepared in 64-token blocks (~2,000 train blocks)."""
+    """The embedded pydoc corpus prepared in 64-token blocks (~1,900 train blocks): the training tests' data."""
     out = tmp_path_factory.mktemp("pydoc64")
-    proc = subprocess.run([sys.executable, "-m", "distclm.cli", "prepare", "--data.source=pydoc",
-                           f"--data.dir={out}", "--data.block_size=64", "--data.val_fraction=0.1"],
-                          env=child_env(), capture_output=True, text=True, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr
+    run_cli("prepare", "--data.source=pydoc", f"--data.dir={out}", "--data.block_size=64", "--data.val_fraction=0.1",
+            check=True)
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# Training runs read by several tests, by name (tests/support/runs.py: SharedRuns)
+
+# 6 steps, global batch 8 blocks of 64 tokens; lr high enough that the weights move visibly.
+EQUIV = ("--train.max_steps=6", "--train.lr=1e-3", "--train.warmup_steps=2", "--train.seed=3")
+# 20 steps, checkpoint at 10 and 20, block ids logged: the reference of every resume test.
+CKPT = ("--train.max_steps=20", "--train.lr=1e-3", "--train.warmup_steps=5", "--train.seed=3",
+        "--train.save_every=10", "--log.block_ids=true")
+TWO, ONE = ("--train.micro_batch_size=4",), ("--train.micro_batch_size=8",)  # global batch 8 on 2 and on 1 process
+
+SHARED = {
+    "equiv-1proc": (1, (*EQUIV, *ONE)),
+    "equiv-1proc-accum2": (1, (*EQUIV, "--train.micro_batch_size=4", "--train.grad_accum=2")),
+    "equiv-ddp-2proc": (2, (*EQUIV, *TWO)),
+    **{f"equiv-{s}-2proc": (2, (*EQUIV, *TWO, f"--train.strategy={s}")) for s in ("zero1", "zero2", "zero3")},
+    **{f"equiv-{s}-offload-2proc": (2, (*EQUIV, *TWO, f"--train.strategy={s}", "--train.offload=optimizer"))
+       for s in ("zero2", "zero3")},
+    "equiv-1proc-act-ckpt": (1, (*EQUIV, *ONE, "--train.activation_checkpointing=true")),
+    "equiv-1proc-compile": (1, (*EQUIV, *ONE, "--train.compile=true")),
+    **{f"ckpt-{s}-2proc": (2, (*CKPT, *TWO, f"--train.strategy={s}")) for s in ("ddp", "zero2", "zero3")},
+    "faults-1proc-30": (1, ("--train.micro_batch_size=4", "--train.lr=1e-3", "--train.seed=3",
+                            "--log.interval_s=1000", "--train.max_steps=30")),
+    "launch-torchrun-ddp": (2, ("--train.max_steps=3", "--train.micro_batch_size=4", "--train.lr=1e-3",
+                                "--train.seed=3")),
+}
+
+
 @pytest.fixture(scope="session")
-def runs(tmp_path_factory, pydoc_blocks) -> Runs:
-    return Runs(tmp_path_factory.mktemp("runs"), pydoc_blocks)
+def shared(tmp_path_factory, pydoc_blocks) -> SharedRuns:
+    return SharedRuns(tmp_path_factory.mktemp("shared-runs"), pydoc_blocks, SHARED)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from distclm.atomic import publish_file
 from distclm.errors import UserError
 
 FORMAT = "distclm-blocks"
@@ -25,25 +26,6 @@ MANIFEST = "manifest.json"
 
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:05d}.bin"
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a reader sees the old file or the whole new one, never a part."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def dump_json(obj) -> bytes:
@@ -119,14 +101,10 @@ class SplitWriter:
         return completed
 
     def _close_shard(self) -> None:
-        fh = self._open()
-        fh.flush()
-        os.fsync(fh.fileno())
-        fh.close()
+        self._open().close()
         self._fh = None
-        partial = self._partial()
         final = self.out / shard_name(self.split, len(self.shards))
-        os.replace(partial, final)
+        publish_file(self._partial(), final)
         self.shards.append({"file": final.name, "n_blocks": self.open_blocks, "sha256": file_sha256(final)})
         self.open_blocks = 0
 
@@ -230,6 +208,17 @@ class SplitBlocks:
             out[row] = self[int(index)]
         return out
 
+    def first(self, n: int | None) -> "SplitBlocks":
+        """The first `n` blocks of this split (all of them when n is None or larger), same files, no copy."""
+        if n is None or n >= len(self):
+            return self
+        view = SplitBlocks.__new__(SplitBlocks)
+        view.__dict__.update(self.__dict__)
+        view._starts = np.minimum(self._starts, n)
+        view._fd = self._fd  # reads through this split's files: closed with it
+        view.close = lambda: None
+        return view
+
     def memmap(self, shard: int) -> np.ndarray:
         """One shard as a read-only memmap, shape (n_blocks, block_size)."""
         return np.memmap(self.paths[shard], dtype=self.dtype.newbyteorder("<"), mode="r").reshape(-1, self.block_size)
@@ -275,16 +264,6 @@ class BlockReader:
         if name not in self.splits:
             raise UserError(f"{self.folder}: no split {name!r}; splits here: {', '.join(self.splits)}")
         return self.splits[name]
-
-    def check_model(self, vocab_size: int, n_positions: int, what: str = "the model") -> None:
-        """The data must fit the model: every id < vocab_size and block_size <= n_positions."""
-        if self.vocab_size > vocab_size:
-            raise UserError(f"{self.folder / MANIFEST}: vocab_size {self.vocab_size} (tokenizer "
-                            f"{self.manifest.get('tokenizer', {}).get('name')}) exceeds {what}'s {vocab_size}; "
-                            f"prepare the data with the model's tokenizer (--data.tokenizer)")
-        if self.block_size > n_positions:
-            raise UserError(f"{self.folder / MANIFEST}: block_size {self.block_size} exceeds {what}'s "
-                            f"{n_positions} positions; prepare with --data.block_size<={n_positions}")
 
     def close(self) -> None:
         for s in self.splits.values():

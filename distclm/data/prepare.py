@@ -24,9 +24,10 @@ from typing import Iterator
 import numpy as np
 
 from distclm import __version__
+from distclm.atomic import atomic_write
 from distclm.config import Config, num_workers, to_yaml
 from distclm.data import sources
-from distclm.data.blocks import FORMAT, MANIFEST, VERSION, SplitWriter, atomic_write, dump_json, read_manifest
+from distclm.data.blocks import FORMAT, MANIFEST, VERSION, SplitWriter, dump_json, read_manifest
 from distclm.data.pack import Packer, concat_docs, token_dtype
 from distclm.data.tokenize import Tokenizer, load_tokenizer
 from distclm.errors import UserError
@@ -161,15 +162,57 @@ class Prepared:
         self.stream_seconds = stream_seconds
 
 
-def prepare(cfg: Config, progress=None, overwrite: bool = False) -> Prepared:
+class Splits:
+    """The train and validation outputs: a Packer (remainder carried across chunks) and a SplitWriter each."""
+
+    def __init__(self, out: Path, d, dtype: np.dtype, state: dict | None):
+        self.out, self.writers, self.packers = out, {}, {}
+        for split in ("train", "validation"):
+            saved = (state or {}).get("splits", {}).get(split, {})
+            self.writers[split] = SplitWriter(out, split, d.block_size, dtype, d.shard_blocks,
+                                              shards=saved.get("shards", []), open_blocks=saved.get("open_blocks", 0),
+                                              n_docs=saved.get("n_docs", 0), n_tokens=saved.get("n_tokens", 0))
+            self.packers[split] = Packer(d.block_size, dtype, np.array(saved.get("carry", []), dtype))
+        self.docs = self.bytes = 0  # this run's progress
+
+    def feed(self, encoded: dict) -> bool:
+        """One chunk's {split: (tokens, n_docs)} -> blocks written; True when a shard was completed."""
+        completed = False
+        for split, (tokens, n_docs) in encoded.items():
+            w = self.writers[split]
+            w.n_docs += n_docs
+            w.n_tokens += len(tokens)
+            blocks = self.packers[split].feed(tokens)
+            completed |= w.write(blocks)
+            self.bytes += blocks.nbytes
+            self.docs += n_docs
+        return completed
+
+    @property
+    def tokens(self) -> int:
+        return sum(w.n_tokens for w in self.writers.values())
+
+    def save_state(self, fp: str, next_doc: int) -> None:
+        """After a completed shard: what a resume needs (its blocks made durable first)."""
+        for w in self.writers.values():
+            w.sync()
+        splits = {k: {**w.state(), "carry": self.packers[k].carry.tolist()} for k, w in self.writers.items()}
+        atomic_write(self.out / STATE, dump_json({"fingerprint": fp, "next_doc": next_doc, "splits": splits}))
+
+    def finish(self) -> dict:
+        for w in self.writers.values():
+            w.finish()
+        return {k: w.summary(self.packers[k].dropped) for k, w in self.writers.items()}
+
+
+def prepare(cfg: Config, progress=None) -> Prepared:
     """Run prepare into `cfg.data.dir`; returns at once when a complete output with the same fingerprint is there."""
     d = cfg.data
     if not d.dir:
         raise UserError("--data.dir is required: the folder to write the blocks to")
     t0 = time.perf_counter()
     out = Path(d.dir)
-    specs = source_specs(cfg)
-    for _, spec in specs:  # fail on a missing file before loading the tokenizer
+    for _, spec in source_specs(cfg):  # fail on a missing file before loading the tokenizer
         if sources.is_local(spec.source):
             sources.local_files(spec.source)
     tok = load_tokenizer(d.tokenizer, num_threads=1)
@@ -177,57 +220,41 @@ def prepare(cfg: Config, progress=None, overwrite: bool = False) -> Prepared:
         raise UserError(f"--data.block_size={d.block_size} exceeds the tokenizer's maximum length {tok.max_length}")
     s = settings(cfg, tok)
     fp = fingerprint(s)
-
-    state = _check_out_dir(out, fp, overwrite or cfg.run.overwrite)
+    state = _check_out_dir(out, fp, cfg.run.overwrite)
     if state == "complete":
         return Prepared(read_manifest(out), time.perf_counter() - t0, True, tok.backend)
     out.mkdir(parents=True, exist_ok=True)
     (out / "prepare.yaml").write_text(to_yaml(cfg), encoding="utf-8")
-
     dtype = token_dtype(tok.vocab_size)
-    eos = tok.eos_token_id if d.eos_between_docs else None
-    writers, packers, start = {}, {}, 0
-    for split in ("train", "validation"):
-        saved = (state or {}).get("splits", {}).get(split, {})
-        writers[split] = SplitWriter(out, split, d.block_size, dtype, d.shard_blocks,
-                                     shards=saved.get("shards", []), open_blocks=saved.get("open_blocks", 0),
-                                     n_docs=saved.get("n_docs", 0), n_tokens=saved.get("n_tokens", 0))
-        packers[split] = Packer(d.block_size, dtype, np.array(saved.get("carry", []), dtype))
-    if state:
-        start = state["next_doc"]
-        if progress:
-            progress.note(f"resuming an interrupted prepare from document {start}")
-
-    def save_state(next_doc: int) -> None:
-        for w in writers.values():
-            w.sync()
-        splits = {k: {**w.state(), "carry": packers[k].carry.tolist()} for k, w in writers.items()}
-        atomic_write(out / STATE, dump_json({"fingerprint": fp, "next_doc": next_doc, "splits": splits}))
-
-    workers = num_workers(d)
-    docs_done, bytes_done = 0, 0
+    splits = Splits(out, d, dtype, state)
+    start = state["next_doc"] if state else 0
+    if state and progress:
+        progress.note(f"resuming an interrupted prepare from document {start}")
     t_stream = time.perf_counter()
+    _stream(cfg, tok, dtype, splits, start, fp, progress)
+    manifest = _manifest(cfg, tok, dtype, s, fp, splits.finish())
+    atomic_write(out / MANIFEST, dump_json(manifest))
+    (out / STATE).unlink(missing_ok=True)
+    t_end = time.perf_counter()
+    return Prepared(manifest, t_end - t0, False, tok.backend, t_end - t_stream)
+
+
+def _stream(cfg: Config, tok: Tokenizer, dtype: np.dtype, splits: Splits, start: int, fp: str, progress) -> None:
+    """Documents from `start` on -> tokenized in the pool (at most 2 chunks per worker in flight), packed and
+    written in submission order; the resume state is saved after each completed shard."""
+    d = cfg.data
+    eos = tok.eos_token_id if d.eos_between_docs else None
+    workers = num_workers(d)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         pending: deque = deque()
 
         def drain(limit: int) -> None:
-            nonlocal docs_done, bytes_done
             while len(pending) > limit:
                 chunk, future = pending.popleft()
-                completed = False
-                for split, (tokens, n_docs) in future.result().items():
-                    w = writers[split]
-                    w.n_docs += n_docs
-                    w.n_tokens += len(tokens)
-                    blocks = packers[split].feed(tokens)
-                    completed |= w.write(blocks)
-                    bytes_done += blocks.nbytes
-                    docs_done += n_docs
-                if completed:
-                    save_state(chunk.end)
+                if splits.feed(future.result()):
+                    splits.save_state(fp, chunk.end)
                 if progress:
-                    progress.update(docs=docs_done, tokens=sum(w.n_tokens for w in writers.values()),
-                                    bytes=bytes_done)
+                    progress.update(docs=splits.docs, tokens=splits.tokens, bytes=splits.bytes)
 
         try:
             for chunk in _chunks(_labelled_docs(cfg, start), start):
@@ -240,26 +267,22 @@ def prepare(cfg: Config, progress=None, overwrite: bool = False) -> Prepared:
             for _, future in pending:
                 future.cancel()
 
-    for w in writers.values():
-        w.finish()
-    splits = {k: w.summary(packers[k].dropped) for k, w in writers.items()}
+
+def _manifest(cfg: Config, tok: Tokenizer, dtype: np.dtype, s: dict, fp: str, splits: dict) -> dict:
+    d = cfg.data
     if splits["train"]["n_blocks"] == 0:
-        _cleanup(out)
-        total = sum(w.n_tokens for w in writers.values())
+        _cleanup(Path(d.dir))
+        total = sum(v["n_tokens"] for v in splits.values())
         raise UserError(f"--data.source={d.source}: the corpus gave no training block ({total} tokens in "
-                        f"{sum(w.n_docs for w in writers.values())} non-empty documents, block_size {d.block_size}); "
+                        f"{sum(v['n_docs'] for v in splits.values())} non-empty documents, block_size {d.block_size}); "
                         f"check --data.text_field, --data.max_docs and --data.block_size")
-    manifest = {
+    return {
         "format": FORMAT, "version": VERSION, "dtype": dtype.name, "block_size": d.block_size,
         "vocab_size": tok.vocab_size, "eos_token_id": tok.eos_token_id,
         "tokenizer": {"name": d.tokenizer, "sha256": tok.sha256},
         "source": {**{k: v for k, v in s["source"].items() if k != "files"}, "fingerprint": fp},
         "shard_blocks": d.shard_blocks, "splits": splits, "distclm_version": __version__,
     }
-    atomic_write(out / MANIFEST, dump_json(manifest))
-    (out / STATE).unlink(missing_ok=True)
-    t_end = time.perf_counter()
-    return Prepared(manifest, t_end - t0, False, tok.backend, t_end - t_stream)
 
 
 def _check_out_dir(out: Path, fp: str, overwrite: bool):
@@ -304,12 +327,4 @@ def _cleanup(out: Path) -> None:
                 shutil.rmtree(p)
             else:
                 p.unlink()
-
-
-def describe(manifest: dict) -> dict:
-    """A flat summary for `inspect` and the CLI."""
-    return {k: manifest[k] for k in ("dtype", "block_size", "vocab_size", "eos_token_id")} | {
-        "tokenizer": manifest["tokenizer"]["name"], "source": manifest["source"]["source"],
-        "splits": {k: {f: v[f] for f in ("n_docs", "n_tokens", "n_blocks", "dropped_tokens")}
-                   for k, v in manifest["splits"].items()}}
 

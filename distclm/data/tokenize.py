@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -286,6 +285,3 @@ def _fix_surrogates(text: str) -> str:
     """tiktoken's fix-up for text that is not valid Unicode: lone surrogates become U+FFFD."""
     return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
-
-def default_threads() -> int:
-    return os.cpu_count() or 1

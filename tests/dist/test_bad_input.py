@@ -9,7 +9,8 @@ import sys
 import uuid
 
 import pytest
-from distrun import REPO, child_env, run_distclm
+from tests.support.cli import run_cli
+from tests.support.env import REPO, child_env
 
 BASE = ["--model.name=gpt2-tiny", "--train.micro_batch_size=4", "--log.interval_s=1000"]
 
@@ -58,10 +59,10 @@ def test_data_of_another_tokenizer_is_refused(tmp_path):
     tok.add_tokens(["<|distclm-extra-1|>", "<|distclm-extra-2|>"])  # a tokenizer the model does not know
     tok.save_pretrained(tmp_path / "tok")
     data = tmp_path / "d"
-    run_distclm(1, "prepare", ["--data.source=pydoc", f"--data.dir={data}", "--data.max_docs=5",
-                               f"--data.tokenizer={tmp_path / 'tok'}"])
+    run_cli("prepare", *["--data.source=pydoc", f"--data.dir={data}", "--data.max_docs=5",
+                               f"--data.tokenizer={tmp_path / 'tok'}"], nproc=1, check=True)
     line = one_line_error(train(data, tmp_path / "r"))
-    assert "vocab_size 50259" in line and "exceeds" in line and "--data.tokenizer" in line
+    assert "its vocabulary has 50,257 tokens" in line and "(50,259 tokens)" in line and "--data.tokenizer" in line
 
 
 def test_a_run_dir_of_another_configuration_is_refused(pydoc_blocks, tmp_path):

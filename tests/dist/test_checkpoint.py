@@ -4,8 +4,8 @@
 (which saved it on the way) is copied into a fresh run dir and the same command is run there. The lr
 schedule is defined by the total steps, so stopping by a shorter --train.max_steps would be another run.
 
-Reference runs (2 processes, micro 4, global batch 8, 20 steps, save every 10) are shared through the
-session `runs` cache; everything else is a short continuation of them.
+Reference runs (2 processes, micro 4, global batch 8, 20 steps, save every 10) are the named shared runs
+"ckpt-{ddp,zero2,zero3}-2proc" (tests/conftest.py); everything else is a short continuation of them.
 """
 
 from __future__ import annotations
@@ -23,24 +23,21 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from distrun import REPO, child_env, read_metrics, run_distclm
 
 from distclm.checkpoint import COMPLETE, complete_checkpoints, find_resume, prune
+from tests.conftest import CKPT, ONE, TWO
+from tests.support.env import REPO, child_env
+from tests.support.runs import block_ids, read_metrics, train
 
-STEPS = 20
-CKPT = (f"--train.max_steps={STEPS}", "--train.lr=1e-3", "--train.warmup_steps=5", "--train.seed=3",
-        "--train.save_every=10", "--log.block_ids=true")
-TWO = ("--train.micro_batch_size=4",)  # 2 processes x 4 = global batch 8
-ONE = ("--train.micro_batch_size=8",)  # 1 process  x 8 = global batch 8
-
-
-def straight(runs, strategy: str) -> Path:
-    return runs.train(2, *CKPT, *TWO, f"--train.strategy={strategy}")
+STEPS = 20  # the "ckpt-*" shared runs (tests/conftest.py): 2 processes x micro 4, checkpoints at 10 and 20
 
 
-def train_in(nproc: int, run_dir: Path, data: Path, *args: str) -> subprocess.CompletedProcess:
-    return run_distclm(nproc, "train", [f"--data.dir={data}", "--model.name=gpt2-tiny", f"--run.dir={run_dir}",
-                                        "--log.every_steps=1", *args])
+def straight(shared, strategy: str) -> Path:
+    return shared.get(f"ckpt-{strategy}-2proc")
+
+
+def train_in(nproc: int, run_dir: Path, data: Path, *args: str):
+    return train(nproc, run_dir, data, *args)
 
 
 def continue_from(ckpt: Path, run_dir: Path) -> Path:
@@ -48,15 +45,6 @@ def continue_from(ckpt: Path, run_dir: Path) -> Path:
     (run_dir / "checkpoints").mkdir(parents=True)
     shutil.copytree(ckpt, run_dir / "checkpoints" / ckpt.name)
     return run_dir
-
-
-def block_ids(run_dir: Path, rank: int) -> dict[int, list[int]]:
-    """step -> the block ids that rank trained on (the last line of a repeated step counts)."""
-    out = {}
-    for line in (run_dir / f"block_ids-rank{rank}.txt").read_text().splitlines():
-        step, *ids = map(int, line.split())
-        out[step] = ids
-    return out
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -84,8 +72,8 @@ def max_weight_diff(a: dict, b: dict) -> float:
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3"])
-def test_checkpoint_contents(runs, strategy):
-    run = straight(runs, strategy)
+def test_checkpoint_contents(shared, strategy):
+    run = straight(shared, strategy)
     root = run / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["step-10", "step-20"]  # keep_last=2, no leftovers
     ck = root / "step-10"
@@ -100,10 +88,13 @@ def test_checkpoint_contents(runs, strategy):
     assert cfg["train"]["max_steps"] == STEPS and cfg["train"]["strategy"] == strategy
     sched = json.loads((ck / "scheduler.json").read_text())
     assert sched["last_epoch"] == 10
-    for rank in (0, 1):
-        rng = torch.load(ck / f"rng-rank{rank}.pt", weights_only=True)
-        assert rng["torch"].dtype == torch.uint8
-    assert (ck / "model" / "model.safetensors").stat().st_size > 0
+    # No RNG state to save: dropout is seeded from (seed, step, micro-batch position) (loop.micro_seed).
+    assert not list(ck.glob("rng-rank*"))
+    assert {"config.json", "tokenizer.json", "generation_config.json"} <= {p.name for p in (ck / "model").iterdir()}
+    if strategy == "zero3":  # the shards alone: nothing was gathered to save it
+        assert not list((ck / "model").glob("*.safetensors"))
+    else:
+        assert (ck / "model" / "model.safetensors").stat().st_size > 0
     if strategy == "ddp":
         opt = torch.load(ck / "optimizer.pt", weights_only=True)
         assert len(opt["state"]) > 0 and opt["param_groups"][0]["lr"] == pytest.approx(1e-3 * (1 - 5 / 15))
@@ -139,15 +130,15 @@ def test_resume_picks_newest_complete_and_prune_cleans(tmp_path):
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "zero2"])
-def test_stop_at_10_resume_matches_20_straight(runs, pydoc_blocks, tmp_path, strategy):
-    ref = straight(runs, strategy)
+def test_stop_at_10_resume_matches_20_straight(shared, pydoc_blocks, tmp_path, strategy):
+    ref = straight(shared, strategy)
     run = continue_from(ref / "checkpoints" / "step-10", tmp_path / "resumed")
     # Leftovers of a crash: an incomplete newer step (no COMPLETE) and an interrupted save.
     (run / "checkpoints" / "step-15").mkdir()
     (run / "checkpoints" / "step-15" / "meta.json").write_text("not json: must never be read")
     (run / "checkpoints" / ".tmp-step-12").mkdir()
     proc = train_in(2, run, pydoc_blocks, *CKPT, *TWO, f"--train.strategy={strategy}", "--train.keep_last=1")
-    assert f"resumed from {run / 'checkpoints' / 'step-10'} at step 10" in proc.stdout
+    assert f"resumed from {run / 'checkpoints' / 'step-10'} at step 10" in proc.out
     diff = compare(ref, run, range(11, STEPS + 1), atol=1e-6)
     print(f"{strategy}: max |loss diff| after resume {diff:.3g}")
     for rank in (0, 1):
@@ -164,15 +155,15 @@ def test_stop_at_10_resume_matches_20_straight(runs, pydoc_blocks, tmp_path, str
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "zero2"])
-def test_two_to_one_to_two_processes_continue_the_same_order(runs, pydoc_blocks, tmp_path, strategy):
-    ref = straight(runs, strategy)
+def test_two_to_one_to_two_processes_continue_the_same_order(shared, pydoc_blocks, tmp_path, strategy):
+    ref = straight(shared, strategy)
     ref_ids = {r: block_ids(ref, r) for r in (0, 1)}
 
     # 2 -> 1: resume from the 2-process step-10 by path, micro 8 (global batch 8 still), save at 15 and 20.
     one = tmp_path / "one"
     proc = train_in(1, one, pydoc_blocks, *CKPT, *ONE, f"--train.strategy={strategy}", "--train.save_every=5",
                     f"--run.resume={ref / 'checkpoints' / 'step-10'}", "--train.keep_last=3")
-    assert "written by 2 process(es), now 1" in proc.stdout
+    assert "written by 2 process(es), now 1" in proc.out
     # The one process trains on exactly the blocks the two would have: rank 0's then rank 1's.
     assert block_ids(one, 0) == {s: ref_ids[0][s] + ref_ids[1][s] for s in range(11, STEPS + 1)}
     d21 = compare(ref, one, range(11, STEPS + 1), atol=1e-5)
@@ -184,7 +175,7 @@ def test_two_to_one_to_two_processes_continue_the_same_order(runs, pydoc_blocks,
     # 1 -> 2: the 1-process step-15 (a copy in a fresh dir, resume=auto) continued on two processes.
     two = continue_from(one / "checkpoints" / "step-15", tmp_path / "two")
     proc = train_in(2, two, pydoc_blocks, *CKPT, *TWO, f"--train.strategy={strategy}")
-    assert "written by 1 process(es), now 2" in proc.stdout
+    assert "written by 1 process(es), now 2" in proc.out
     for rank in (0, 1):
         assert block_ids(two, rank) == {s: ref_ids[rank][s] for s in range(16, STEPS + 1)}
     d12 = compare(ref, two, range(16, STEPS + 1), atol=1e-5)
@@ -194,15 +185,15 @@ def test_two_to_one_to_two_processes_continue_the_same_order(runs, pydoc_blocks,
     assert dw < 1e-5
 
 
-def test_zero3_two_to_one_process(runs, pydoc_blocks, tmp_path):
+def test_zero3_two_to_one_process(shared, pydoc_blocks, tmp_path):
     """ZeRO-3 through a universal checkpoint. DeepSpeed's stage-3 universal loader shares one Adam `step`
     tensor between groups and copies group 0's weight decay onto all; without distclm's repair after the
     load the losses drift ~1e-2 within 10 steps."""
-    ref = straight(runs, "zero3")
+    ref = straight(shared, "zero3")
     one = tmp_path / "one"
     proc = train_in(1, one, pydoc_blocks, *CKPT, *ONE, "--train.strategy=zero3",
                     f"--run.resume={ref / 'checkpoints' / 'step-10'}")
-    assert "written by 2 process(es), now 1" in proc.stdout
+    assert "written by 2 process(es), now 1" in proc.out
     assert block_ids(one, 0) == {s: block_ids(ref, 0)[s] + block_ids(ref, 1)[s] for s in range(11, STEPS + 1)}
     diff = compare(ref, one, range(11, STEPS + 1), atol=1e-5)
     dw = max_weight_diff(weights(ref), weights(one))
@@ -232,8 +223,8 @@ def other_data(tmp_path_factory) -> Path:
     ("strategy", r"written with --train\.strategy=ddp, now zero2; resume with --train\.strategy=ddp"),
     ("not_a_checkpoint", r"--run\.resume=.*: not a complete checkpoint"),
 ])
-def test_resume_refuses_another_model_data_or_batch(cli, runs, pydoc_blocks, other_data, tmp_path, change, expect):
-    ref = straight(runs, "ddp")
+def test_resume_refuses_another_model_data_or_batch(cli, shared, pydoc_blocks, other_data, tmp_path, change, expect):
+    ref = straight(shared, "ddp")
     ckpt = ref / "checkpoints" / "step-10"
     args = {"data.dir": pydoc_blocks, "model.name": "gpt2-tiny", "train.micro_batch_size": 8,
             "train.strategy": "ddp", "run.resume": ckpt}
@@ -252,8 +243,8 @@ def test_resume_refuses_another_model_data_or_batch(cli, runs, pydoc_blocks, oth
     assert not (tmp_path / "run" / "config.yaml").exists()  # refused before the process group and engine
 
 
-def test_resume_none_starts_fresh(runs, pydoc_blocks, tmp_path):
-    ref = straight(runs, "ddp")
+def test_resume_none_starts_fresh(shared, pydoc_blocks, tmp_path):
+    ref = straight(shared, "ddp")
     run = continue_from(ref / "checkpoints" / "step-10", tmp_path / "fresh")
     train_in(1, run, pydoc_blocks, "--train.max_steps=2", "--train.seed=3", "--train.lr=1e-3",
              "--train.warmup_steps=5", "--run.resume=none", *ONE)
@@ -282,8 +273,8 @@ print("ok")
 """
 
 
-def test_export_loads_without_distclm_and_holds_the_trained_weights(runs, tmp_path, cli):
-    run = straight(runs, "zero2")
+def test_export_loads_without_distclm_and_holds_the_trained_weights(shared, tmp_path, cli):
+    run = straight(shared, "zero2")
     # `distclm export RUN --out DIR` gives the same folder as the export written at the end of training.
     out = tmp_path / "hf"
     assert cli("export", run, "--out", out).code == 0
@@ -312,9 +303,9 @@ def test_export_loads_without_distclm_and_holds_the_trained_weights(runs, tmp_pa
     assert torch.equal(as_loaded["lm_head.weight"], trained["lm_head.weight"])
 
 
-def test_zero3_export_is_consolidated(runs):
+def test_zero3_export_is_consolidated(shared):
     """ZeRO-3 shards are gathered into full weights (the known failure writes empty tensors)."""
-    ddp, z3 = straight(runs, "ddp"), straight(runs, "zero3")
+    ddp, z3 = straight(shared, "ddp"), straight(shared, "zero3")
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(z3 / "export")
@@ -334,6 +325,17 @@ def test_zero3_export_is_consolidated(runs):
     assert all(torch.equal(w3[k], trained[k]) for k in w3)
 
 
+def test_zero3_offline_export_consolidates_the_shards(shared, cli, tmp_path):
+    """`distclm export` of a ZeRO-3 run (one process, no engine) reads the shards one tensor at a time."""
+    z3 = straight(shared, "zero3")
+    shutil.rmtree(tmp_path / "copy", ignore_errors=True)
+    run = shutil.copytree(z3, tmp_path / "copy")
+    shutil.rmtree(run / "export")  # as if training had stopped before its export
+    assert cli("export", run, "--out", tmp_path / "hf").code == 0
+    a, b = load_file(tmp_path / "hf" / "model.safetensors"), weights(z3)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 # ---------------------------------------------------------------------------------------------
 # Security (point 7)
 
@@ -349,15 +351,16 @@ def test_no_unsafe_loading_in_distclm():
 
 
 def test_export_refuses_empty_weights(tmp_path):
-    """The size guard that save_model_folder runs after writing: placeholders instead of weights fail loudly."""
+    """The size guard that the ZeRO-3 export runs after writing: placeholders instead of weights fail loudly."""
     from safetensors.torch import save_file
 
-    from distclm.checkpoint import check_full_weights
-    from distclm.model import load_model
+    from distclm.export import check_full_weights
+    from distclm.model import build_model
 
-    model = load_model("gpt2-tiny")
+    model = build_model("gpt2-tiny", 0)
+    expected = sum(p.numel() * p.element_size() for p in model.parameters())
     save_file({"transformer.wte.weight": torch.zeros(0)}, tmp_path / "model.safetensors")
     with pytest.raises(RuntimeError, match="shards were not gathered"):
-        check_full_weights(model, tmp_path)
+        check_full_weights(model.config, tmp_path, expected)
     model.save_pretrained(tmp_path)
-    check_full_weights(model, tmp_path)
+    check_full_weights(model.config, tmp_path, expected)

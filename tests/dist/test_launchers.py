@@ -7,7 +7,9 @@ import sys
 
 import numpy as np
 import pytest
-from distrun import REPO, child_env, free_port, read_metrics
+from tests.support.cli import free_port
+from tests.support.env import REPO, child_env
+from tests.support.runs import read_metrics
 
 ARGS = ["--model.name=gpt2-tiny", "--train.max_steps=3", "--train.micro_batch_size=4", "--train.lr=1e-3",
         "--train.seed=3", "--log.every_steps=1"]
@@ -22,8 +24,8 @@ def launched(launcher: list[str], data, run_dir, *extra) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def torchrun_ddp(runs):
-    recs = read_metrics(runs.train(2, *ARGS))
+def torchrun_ddp(shared):
+    recs = read_metrics(shared.get("launch-torchrun-ddp"))  # ARGS on 2 processes under torchrun
     return [recs[s]["loss"] for s in (1, 2, 3)]
 
 

@@ -10,8 +10,9 @@ import time
 
 import numpy as np
 import psutil
-from distrun import REPO, child_env, read_metrics
 from safetensors.numpy import load_file
+from tests.support.env import REPO, child_env
+from tests.support.runs import read_metrics
 
 ARGS = ["--model.name=gpt2-tiny", "--train.micro_batch_size=4", "--train.lr=1e-3", "--train.seed=3",
         "--log.every_steps=1", "--log.interval_s=1000", "--log.block_ids=true"]

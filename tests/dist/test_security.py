@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from tests.support.env import REPO, child_env
 
-from distrun import REPO, child_env
 
 SECRET = "hf_distclmTestSecretToken1234567890"
 

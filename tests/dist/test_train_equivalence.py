@@ -9,13 +9,10 @@ import pytest
 import torch
 
 from distclm.data.blocks import BlockReader
-from distclm.model import load_model
+from distclm.model import build_model
+from tests.support.runs import read_metrics
 
-from distrun import read_metrics
-
-STEPS = 6
-# Global batch 8 blocks of 64 tokens; lr high enough that the weights move visibly in 6 steps.
-COMMON = (f"--train.max_steps={STEPS}", "--train.lr=1e-3", "--train.warmup_steps=2", "--train.seed=3")
+STEPS = 6  # the "equiv-*" shared runs (tests/conftest.py): 6 steps, global batch 8 blocks of 64 tokens
 
 
 def losses(run_dir) -> list[float]:
@@ -33,7 +30,7 @@ def plain_pytorch_losses(data_dir, seed=3, micro=8, steps=STEPS, lr=1e-3, warmup
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    model = load_model("gpt2-tiny")
+    model = build_model("gpt2-tiny", seed)
     model.train()
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -57,49 +54,47 @@ def plain_pytorch_losses(data_dir, seed=3, micro=8, steps=STEPS, lr=1e-3, warmup
     return out
 
 
-def test_one_process_matches_plain_pytorch_loop(runs, pydoc_blocks):
-    ours = losses(runs.train(1, *COMMON, "--train.micro_batch_size=8"))
+def test_one_process_matches_plain_pytorch_loop(shared, pydoc_blocks):
+    ours = losses(shared.get("equiv-1proc"))
     ref = plain_pytorch_losses(pydoc_blocks)
     assert ours[0] > 10.0  # a random-init GPT-2 over 50257 tokens starts near ln(50257) = 10.8
     assert ours[-1] < ours[0] - 0.2  # it learned: the comparison is not between two flat lines
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5)
 
 
-def test_two_process_ddp_matches_one_process_with_accumulation(runs):
-    one = losses(runs.train(1, *COMMON, "--train.micro_batch_size=4", "--train.grad_accum=2"))
-    two = losses(runs.train(2, *COMMON, "--train.micro_batch_size=4"))
+def test_two_process_ddp_matches_one_process_with_accumulation(shared):
+    one = losses(shared.get("equiv-1proc-accum2"))
+    two = losses(shared.get("equiv-ddp-2proc"))
     np.testing.assert_allclose(two, one, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("strategy", ["zero1", "zero2", "zero3"])
-def test_zero_stages_match_ddp(runs, strategy):
-    ddp = losses(runs.train(2, *COMMON, "--train.micro_batch_size=4"))
-    zero = losses(runs.train(2, *COMMON, "--train.micro_batch_size=4", f"--train.strategy={strategy}"))
+def test_zero_stages_match_ddp(shared, strategy):
+    ddp = losses(shared.get("equiv-ddp-2proc"))
+    zero = losses(shared.get(f"equiv-{strategy}-2proc"))
     np.testing.assert_allclose(zero, ddp, rtol=0, atol=1e-4)
-    assert (runs.cache[(2, (*COMMON, "--train.micro_batch_size=4", f"--train.strategy={strategy}"))]
-            / "ds_config.json").exists()
+    assert (shared.get(f"equiv-{strategy}-2proc") / "ds_config.json").exists()
 
 
 @pytest.mark.parametrize("strategy", ["zero2", "zero3"])
-def test_zero_with_optimizer_offload_matches_ddp(runs, strategy):
-    ddp = losses(runs.train(2, *COMMON, "--train.micro_batch_size=4"))
-    off = losses(runs.train(2, *COMMON, "--train.micro_batch_size=4", f"--train.strategy={strategy}",
-                            "--train.offload=optimizer"))
+def test_zero_with_optimizer_offload_matches_ddp(shared, strategy):
+    ddp = losses(shared.get("equiv-ddp-2proc"))
+    off = losses(shared.get(f"equiv-{strategy}-offload-2proc"))
     assert all(math.isfinite(v) for v in off)
     np.testing.assert_allclose(off, ddp, rtol=0, atol=1e-3)
 
 
-def test_activation_checkpointing_gives_the_same_losses(runs):
-    plain = losses(runs.train(1, *COMMON, "--train.micro_batch_size=8"))
-    recomputed = losses(runs.train(1, *COMMON, "--train.micro_batch_size=8", "--train.activation_checkpointing=true"))
+def test_activation_checkpointing_gives_the_same_losses(shared):
+    plain = losses(shared.get("equiv-1proc"))
+    recomputed = losses(shared.get("equiv-1proc-act-ckpt"))
     np.testing.assert_allclose(recomputed, plain, rtol=0, atol=1e-5)
 
 
-def test_torch_compile_trains_the_same_and_exports_plain_weight_names(runs):
+def test_torch_compile_trains_the_same_and_exports_plain_weight_names(shared):
     from safetensors.numpy import load_file
 
-    plain_dir = runs.train(1, *COMMON, "--train.micro_batch_size=8")
-    compiled_dir = runs.train(1, *COMMON, "--train.micro_batch_size=8", "--train.compile=true")
+    plain_dir = shared.get("equiv-1proc")
+    compiled_dir = shared.get("equiv-1proc-compile")
     np.testing.assert_allclose(losses(compiled_dir), losses(plain_dir), rtol=0, atol=1e-4)
     a = load_file(str(compiled_dir / "export" / "model.safetensors"))
     b = load_file(str(plain_dir / "export" / "model.safetensors"))

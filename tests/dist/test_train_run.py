@@ -10,7 +10,9 @@ import sys
 
 import numpy as np
 import pytest
-from distrun import REPO, child_env, distclm_cmd, read_metrics, run_distclm
+from tests.support.cli import command, run_cli
+from tests.support.env import REPO, child_env
+from tests.support.runs import block_ids, read_metrics
 
 MICRO, WORLD = 4, 2
 GLOBAL = MICRO * WORLD
@@ -19,8 +21,8 @@ GLOBAL = MICRO * WORLD
 @pytest.fixture(scope="module")
 def small_blocks(tmp_path_factory):
     out = tmp_path_factory.mktemp("small64")
-    run_distclm(1, "prepare", ["--data.source=pydoc", f"--data.dir={out}", "--data.block_size=64",
-                               "--data.max_docs=6", "--data.val_fraction=0.3"])
+    run_cli("prepare", *["--data.source=pydoc", f"--data.dir={out}", "--data.block_size=64",
+                               "--data.max_docs=6", "--data.val_fraction=0.3"], nproc=1, check=True)
     manifest = json.loads((out / "manifest.json").read_text())
     return out, manifest
 
@@ -29,18 +31,10 @@ def small_blocks(tmp_path_factory):
 def two_epoch_run(tmp_path_factory, small_blocks):
     data, manifest = small_blocks
     run_dir = tmp_path_factory.mktemp("run") / "r"
-    proc = run_distclm(WORLD, "train", [f"--data.dir={data}", "--model.name=gpt2-tiny", f"--run.dir={run_dir}",
+    proc = run_cli("train", *[f"--data.dir={data}", "--model.name=gpt2-tiny", f"--run.dir={run_dir}",
                                         f"--train.micro_batch_size={MICRO}", "--train.epochs=2", "--train.lr=1e-3",
-                                        "--log.block_ids=true", "--log.every_steps=5", "--log.interval_s=0"])
+                                        "--log.block_ids=true", "--log.every_steps=5", "--log.interval_s=0"], nproc=WORLD, check=True)
     return run_dir, manifest, proc
-
-
-def read_block_ids(run_dir, rank):
-    rows = {}
-    for line in (run_dir / f"block_ids-rank{rank}.txt").read_text().splitlines():
-        step, *ids = map(int, line.split())
-        rows[step] = ids
-    return rows
 
 
 def test_each_epoch_sees_every_block_at_most_once_across_ranks(two_epoch_run):
@@ -48,7 +42,7 @@ def test_each_epoch_sees_every_block_at_most_once_across_ranks(two_epoch_run):
     n = manifest["splits"]["train"]["n_blocks"]
     steps_per_epoch = n // GLOBAL
     assert steps_per_epoch >= 5  # a real multi-step epoch
-    per_rank = [read_block_ids(run_dir, r) for r in range(WORLD)]
+    per_rank = [block_ids(run_dir, r) for r in range(WORLD)]
     assert sorted(per_rank[0]) == list(range(1, 2 * steps_per_epoch + 1))
     epochs = []
     for e in range(2):
@@ -101,18 +95,18 @@ def test_run_dir_outputs(two_epoch_run):
 def test_plain_console_is_rank0_only_and_ascii(two_epoch_run):
     _, manifest, proc = two_epoch_run
     total = 2 * (manifest["splits"]["train"]["n_blocks"] // GLOBAL)
-    step_lines = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
+    step_lines = [line for line in proc.out.splitlines() if line.startswith("step ")]
     # --log.interval_s=0: a line per step, printed by rank 0 only (not once per rank).
     assert len(step_lines) == total
-    assert all(line.isascii() and "\x1b" not in line and "\r" not in line for line in proc.stdout.splitlines())
+    assert all(line.isascii() and "\x1b" not in line and "\r" not in line for line in proc.out.splitlines())
     assert re.match(r"step 1/\d+ epoch 0\.\d+ loss \d+\.\d+ lr .* tok/s .* mfu n/a mem .* eta ", step_lines[0])
-    assert sum("eval step" in line for line in proc.stdout.splitlines()) == 2
+    assert sum("eval step" in line for line in proc.out.splitlines()) == 2
 
 
 def test_terminal_gets_the_rich_panel(small_blocks, tmp_path):
     data, _ = small_blocks
-    cmd = distclm_cmd(1, "train", [f"--data.dir={data}", "--model.name=gpt2-tiny", f"--run.dir={tmp_path / 'r'}",
-                                   "--train.max_steps=3", "--train.micro_batch_size=2"])
+    cmd = command("train", [f"--data.dir={data}", "--model.name=gpt2-tiny", f"--run.dir={tmp_path / 'r'}",
+                                   "--train.max_steps=3", "--train.micro_batch_size=2"], 1)
     # `script` gives the child a pseudo-terminal, as a user's shell would.
     proc = subprocess.run(["script", "-qec", " ".join(cmd), "/dev/null"], env=child_env(), cwd=REPO,
                           capture_output=True, text=True, timeout=300)
@@ -147,11 +141,12 @@ def test_block_size_above_model_positions_is_refused(tmp_path):
     tok.model_max_length = 4096
     tok.save_pretrained(tmp_path / "tok")
     data = tmp_path / "d"
-    run_distclm(1, "prepare", ["--data.source=pydoc", f"--data.dir={data}", "--data.block_size=2048",
-                               f"--data.tokenizer={tmp_path / 'tok'}"])
+    run_cli("prepare", *["--data.source=pydoc", f"--data.dir={data}", "--data.block_size=2048",
+                               f"--data.tokenizer={tmp_path / 'tok'}"], nproc=1, check=True)
     proc = subprocess.run([sys.executable, "-m", "distclm.cli", "train", f"--data.dir={data}",
                            "--model.name=gpt2-tiny", f"--run.dir={tmp_path / 'r'}"],
                           env=child_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
-    assert "block_size 2048 exceeds --model.name=gpt2-tiny's 1024 positions" in proc.stderr
+    assert "--model.name=gpt2-tiny: it handles at most 1024 positions (max_position_embeddings of its gpt2 " \
+           "config) but" in proc.stderr and "has blocks of 2048 tokens" in proc.stderr
     assert not (tmp_path / "r" / "metrics.jsonl").exists()

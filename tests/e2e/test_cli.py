@@ -7,8 +7,9 @@ import sys
 
 import yaml
 
-from conftest import PYDOC_ARGS, subprocess_env
 from distclm import config
+from tests.support.data import PYDOC_ARGS
+from tests.support.env import child_env
 
 
 def test_prepare_help_lists_every_field_with_doc_and_default(cli):
@@ -79,7 +80,7 @@ def test_bad_value_names_flag_and_expected_type(cli):
 
 def test_user_error_in_a_real_process_exits_2_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "distclm.cli", "prepare", "--data.blok_size=3"],
-                          env=subprocess_env(), capture_output=True, text=True, cwd=tmp_path, timeout=60)
+                          env=child_env(), capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "distclm: error: unknown flag --data.blok_size (did you mean --data.block_size?)"]
@@ -94,6 +95,6 @@ def test_prepare_and_inspect_do_not_import_torch(tmp_path):
         f"assert main(['inspect', '{out}']) == 0\n"
         "assert 'torch' not in sys.modules, 'prepare/inspect imported torch'\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -6,13 +6,15 @@ from __future__ import annotations
 from importlib import metadata
 
 import torch
-from conftest import run_cli, subprocess_env
+
+from tests.support.cli import run_cli
+from tests.support.env import child_env
 
 # doctor imports deepspeed, whose loggers keep the streams of the moment: in a child process, not in pytest's.
 
 
 def test_doctor_reports_versions_ops_env_and_config():
-    env = subprocess_env(GLOO_SOCKET_IFNAME="eth7", TORCH_EXTENSIONS_DIR="/nowhere/ext")
+    env = child_env(GLOO_SOCKET_IFNAME="eth7", TORCH_EXTENSIONS_DIR="/nowhere/ext")
     r = run_cli("doctor", "--train.strategy=zero2", "--train.micro_batch_size=3", env=env)
     assert r.code == 0, r.err
     out = r.out

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import run_cli, subprocess_env, write_jsonl
+from tests.support.cli import run_cli
+from tests.support.data import write_jsonl
+from tests.support.env import child_env
 
 
 def make_inputs(tmp_path):
@@ -63,7 +65,7 @@ def test_no_data_dir(cli):
 
 def test_hub_dataset_through_the_real_probe(tmp_path):
     """No offline variable: the socket probe finds the hub unreachable and the error says so, fast."""
-    env = subprocess_env(HF_ENDPOINT="http://127.0.0.1:9")
+    env = child_env(HF_ENDPOINT="http://127.0.0.1:9")
     env.pop("HF_HUB_OFFLINE", None)
     env.pop("TRANSFORMERS_OFFLINE", None)
     r = run_cli("prepare", "--data.source=nobody/no-such-dataset", f"--data.dir={tmp_path / 'out'}", env=env,

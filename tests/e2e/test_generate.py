@@ -15,7 +15,8 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, run_cli, subprocess_env
+from tests.support.cli import run_cli
+from tests.support.env import REPO, child_env
 
 PROMPTS = ["The with statement", "A class definition creates a new local namespace and", "Unicode"]
 
@@ -23,15 +24,15 @@ PROMPTS = ["The with statement", "A class definition creates a new local namespa
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory):
     from distclm import config
-    from distclm.checkpoint import write_generation_config
     from distclm.data.tokenize import load_hf_tokenizer
-    from distclm.model import load_model
+    from distclm.export import write_generation_config
+    from distclm.model import build_model
 
     out = tmp_path_factory.mktemp("tiny-export")
-    torch.manual_seed(0)
-    load_model("gpt2-tiny").save_pretrained(out)
-    load_hf_tokenizer("gpt2")[0].save_pretrained(out)
-    write_generation_config(config.build_config(None, None, {}), out)
+    build_model("gpt2-tiny", 0).save_pretrained(out)
+    tok = load_hf_tokenizer("gpt2")[0]
+    tok.save_pretrained(out)
+    write_generation_config(config.build_config(None, None, {}).gen, tok, out)
     return out
 
 
@@ -91,7 +92,7 @@ def test_batched_prompts_are_left_padded_greedy_equals_one_by_one(cli, tiny_expo
 def test_prompts_on_stdin(tiny_export, direct):
     proc = subprocess.run([sys.executable, "-m", "distclm.cli", "generate", f"--model.name={tiny_export}",
                            "--gen.max_new_tokens=8", "--gen.seed=3"], input="\n".join(PROMPTS[:2]) + "\n",
-                          env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=120)
+                          env=child_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     texts = direct(PROMPTS[:2], seed=3, max_new_tokens=8, do_sample=True, top_k=50, top_p=0.95)
     assert proc.stdout == "".join(f"{t}\n\n" for t in texts)
@@ -128,7 +129,7 @@ def test_eli5_preset_offline_fails_fast_with_one_line(tmp_path):
 
 
 def test_eli5_preset_through_the_real_probe_fails_fast(tmp_path):
-    env = subprocess_env(HF_ENDPOINT="http://127.0.0.1:9")
+    env = child_env(HF_ENDPOINT="http://127.0.0.1:9")
     env.pop("HF_HUB_OFFLINE", None)
     env.pop("TRANSFORMERS_OFFLINE", None)
     t0 = time.perf_counter()
@@ -143,8 +144,8 @@ def test_run_demo_prepares_trains_evaluates_exports_and_samples(tmp_path):
     args = ["run", "--preset=demo", f"--data.dir={tmp_path / 'data'}", f"--run.dir={tmp_path / 'run'}",
             "--data.max_docs=5", "--data.val_docs=3", "--data.block_size=64", "--train.max_steps=4",
             "--run.nproc=2", "--train.strategy=ddp", "--gen.max_new_tokens=12"]
-    env = subprocess_env(OMP_NUM_THREADS="1")
-    r = run_cli(*args, cwd=ROOT, env=env, timeout=300)
+    env = child_env(OMP_NUM_THREADS="1")
+    r = run_cli(*args, cwd=REPO, env=env, timeout=300)
     assert r.code == 0, r.err[-3000:]
     lines = r.out.splitlines()
     assert "prepared train 50 blocks, validation 31 blocks of 64 tokens" in lines
@@ -160,7 +161,7 @@ def test_run_demo_prepares_trains_evaluates_exports_and_samples(tmp_path):
     last_eval = [e for e in evals if e["type"] == "eval"][-1]
     assert last_eval["step"] == 4 and f"{last_eval['eval_perplexity']:.2f}" == after.split()[4].rstrip(" (")
 
-    again = run_cli(*args, cwd=ROOT, env=env, timeout=300)  # the same command on a finished run
+    again = run_cli(*args, cwd=REPO, env=env, timeout=300)  # the same command on a finished run
     assert again.code == 0, again.err[-3000:]
     assert "reused complete train 50 blocks, validation 31 blocks of 64 tokens" in again.out
     assert next(ln for ln in again.out.splitlines() if ln.startswith("== perplexity after")) == after

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from conftest import manifest_of, read_split
+from tests.support.data import manifest_of, read_split
 
 
 def test_inspect_prints_the_summary_and_first_block(cli, pydoc_prepared, hf_gpt2):

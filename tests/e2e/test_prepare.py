@@ -13,9 +13,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import (PYDOC_ARGS, assert_matches_reference, carved_labels, encode_all, manifest_of, output_bytes,
-                      pydoc_texts, read_split, reference, reference_split, write_jsonl)
 from distclm.data import prepare as prepare_mod
+from tests.support.data import (
+    PYDOC_ARGS,
+    assert_matches_reference,
+    carved_labels,
+    encode_all,
+    manifest_of,
+    output_bytes,
+    pydoc_texts,
+    read_split,
+    reference,
+    reference_split,
+    write_jsonl,
+)
 
 EOS = 50256
 

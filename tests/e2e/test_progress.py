@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 
-from conftest import BIG_ARGS, manifest_of, run_cli
+from tests.support.cli import run_cli
+from tests.support.data import BIG_ARGS, manifest_of
 
 
 def test_plain_ascii_progress_and_summary(big_corpus, tmp_path):

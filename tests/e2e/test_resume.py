@@ -10,9 +10,11 @@ import time
 
 import pytest
 
-from conftest import BIG_ARGS, PYDOC_ARGS, manifest_of, output_bytes, run_cli, subprocess_env
 from distclm.data.blocks import BlockReader
 from distclm.errors import UserError
+from tests.support.cli import run_cli
+from tests.support.data import BIG_ARGS, PYDOC_ARGS, manifest_of, output_bytes
+from tests.support.env import child_env
 
 # The real CLI, with document reading slowed down (2 ms per document, ~3 s for the big corpus), so
 # that the kill lands mid-run however fast tokenizing gets. Only the pace differs: same argv, same output.
@@ -35,7 +37,7 @@ def test_sigkill_then_rerun_resumes_to_identical_bytes(big_corpus, big_prepared,
     out = tmp_path / "out"
     # One worker here, two in the uninterrupted reference: resume must not depend on that either.
     args = ["prepare", f"--data.source={big_corpus}", *BIG_ARGS, "--data.num_workers=1", f"--data.dir={out}"]
-    proc = subprocess.Popen([sys.executable, "-c", THROTTLED, *args], env=subprocess_env(),
+    proc = subprocess.Popen([sys.executable, "-c", THROTTLED, *args], env=child_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60

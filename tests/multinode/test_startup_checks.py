@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from mn_fixtures import blocks  # noqa: F401  (a fixture; also puts tests/dist on sys.path)
-from distrun import REPO, child_env, free_port  # noqa: E402
+from tests.support.cli import free_port
+from tests.support.env import REPO, child_env
 
 pytestmark = pytest.mark.slow
 DISTCLM = [sys.executable, "-m", "distclm.cli"]

@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mn_fixtures import blocks  # noqa: F401  (a fixture; also puts tests/dist on sys.path)
-from distrun import REPO, child_env, read_metrics, run_distclm  # noqa: E402
-from netns_hosts import TwoHosts
+from tests.multinode.netns_hosts import TwoHosts
+from tests.support.cli import run_cli
+from tests.support.env import REPO, child_env
+from tests.support.runs import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +47,7 @@ def outcome(run_dir: Path) -> tuple[list[float], dict]:
 def one_host(blocks, tmp_path_factory):
     """The reference: the same job as 2 processes on one host (torchrun, loopback)."""
     run_dir = tmp_path_factory.mktemp("one-host") / "run"
-    run_distclm(2, "train", [f"--data.dir={blocks}", f"--run.dir={run_dir}", *ARGS])
+    run_cli("train", *[f"--data.dir={blocks}", f"--run.dir={run_dir}", *ARGS], nproc=2, check=True)
     return outcome(run_dir)
 
 

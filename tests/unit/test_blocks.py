@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import manifest_of, read_split
 from distclm.data.blocks import BlockReader, SplitWriter, read_manifest, shard_name
 from distclm.errors import UserError
+from tests.support.data import manifest_of, read_split
 
 
 def sha256(path: Path) -> str:
@@ -206,13 +206,21 @@ def test_truncated_or_missing_shard_is_refused(damaged):
         BlockReader(damaged)
 
 
-def test_check_model(pydoc_prepared):
+def test_data_must_fit_the_model_said_in_the_models_terms(pydoc_prepared):
+    from dataclasses import replace
+
+    from distclm.model import ModelShape, check_data_fits
+
     reader = BlockReader(pydoc_prepared)
-    reader.check_model(50257, 1024)
-    with pytest.raises(UserError, match="vocab_size 50257 .* exceeds the model's 1000"):
-        reader.check_model(1000, 1024)
-    with pytest.raises(UserError, match=r"block_size 128 exceeds the model's 64 positions; .*--data.block_size<=64"):
-        reader.check_model(50257, 64)
+    shape = ModelShape("llama", 64, 2, 4, 16, 1024, 50257)
+    check_data_fits(shape, reader, "--model.name=M")
+    with pytest.raises(UserError, match=r"--model.name=M: its vocabulary has 1,000 tokens \(vocab_size of its llama "
+                                        r"config\) but .*manifest.json was tokenized with gpt2 \(50,257 tokens\)"):
+        check_data_fits(replace(shape, vocab_size=1000), reader, "--model.name=M")
+    with pytest.raises(UserError, match=r"--model.name=M: it handles at most 64 positions \(max_position_embeddings "
+                                        r"of its llama config\) but .* blocks of 128 tokens; .*--data.block_size<=64"):
+        check_data_fits(replace(shape, max_positions=64), reader, "--model.name=M")
+    check_data_fits(replace(shape, max_positions=None), reader, "--model.name=M")  # no position limit
     reader.close()
 
 

@@ -168,6 +168,7 @@ def test_run_dir_resolves_to_export_else_newest_complete_checkpoint(tmp_path):
         model_dir = run / "checkpoints" / f"step-{step}" / "model"
         model_dir.mkdir(parents=True)
         (model_dir / "config.json").write_text("{}")
+        (model_dir / "model.safetensors").write_text("")
         if complete:
             (model_dir.parent / "COMPLETE").write_text(f"{step}\n")
     assert resolve_model_dir(str(run)) == str(run / "checkpoints" / "step-12" / "model")  # not 3, not unfinished 20

@@ -6,8 +6,15 @@ from __future__ import annotations
 import pytest
 
 from distclm.errors import UserError
-from distclm.launch_checks import (RankInfo, check_topology, launcher_node_count, missing_probes, rank_info,
-                                   rendezvous_message, shared_dir_message)
+from distclm.launch_checks import (
+    RankInfo,
+    check_topology,
+    launcher_node_count,
+    missing_probes,
+    rank_info,
+    rendezvous_message,
+    shared_dir_message,
+)
 
 
 def torchrun_env(rank: int, world: int, nproc: int, **extra) -> dict:

@@ -12,7 +12,7 @@ import pytest
 from distclm.data import sources
 from distclm.data.sources import SourceSpec, documents, extract_text
 from distclm.errors import UserError
-from conftest import pydoc_texts, write_jsonl
+from tests.support.data import pydoc_texts, write_jsonl
 
 RECORDS = [{"id": i, "text": f"document number {i}", "meta": {"n": i}} for i in range(6)]
 TEXTS = [r["text"] for r in RECORDS]

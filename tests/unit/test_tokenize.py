@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from conftest import encode_all, pydoc_texts
 from distclm import hub
 from distclm.data.tokenize import PROBE_TEXT, load_tokenizer
 from distclm.errors import UserError
+from tests.support.data import encode_all, pydoc_texts
 
 
 @pytest.fixture(scope="module")

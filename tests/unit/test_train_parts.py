@@ -9,11 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from distclm.accel import lr_lambda, param_groups, resolve_ds_config
 from distclm.config import build_config
 from distclm.data.loader import BlockSampler
+from distclm.ds_config import resolve
 from distclm.errors import UserError
 from distclm.metrics import ThroughputMeter, flops_per_token, mfu, peak_tflops_for
+from distclm.optim import lr_lambda, param_groups
+
+
+def resolve_ds_config(cfg, world, hidden_size):
+    return resolve(cfg.train, world, hidden_size, precision="no")
 
 
 def test_sampler_epoch_is_a_permutation_cut_into_global_batches():
@@ -68,9 +73,9 @@ def test_linear_schedule_matches_transformers():
 
 
 def test_no_weight_decay_on_biases_and_layernorm():
-    from distclm.model import load_model
+    from distclm.model import build_model
 
-    model = load_model("gpt2-tiny")
+    model = build_model("gpt2-tiny", 0)
     decay, no_decay = param_groups(model, 0.01)
     names = {id(p): n for n, p in model.named_parameters()}
     assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
@@ -80,13 +85,29 @@ def test_no_weight_decay_on_biases_and_layernorm():
 
 
 def test_flops_and_mfu_on_a_synthetic_case():
-    # N = 1e9 parameters (no position embedding), 24 layers of 2048 at seq 1024:
-    fpt = flops_per_token(1_000_000_000, n_layer=24, n_embd=2048, seq_len=1024)
+    # N = 1e9 matmul parameters, 24 layers of 16 heads x 128 at seq 1024:
+    fpt = flops_per_token(1_000_000_000, n_layers=24, attn_width=16 * 128, seq_len=1024)
     assert fpt == 6e9 + 12 * 24 * 2048 * 1024
     # 10k tokens/s on 8 devices of 100 TFLOP/s peak:
     assert mfu(10_000, fpt, 100.0, 8) == pytest.approx(10_000 * fpt / 8e14)
     assert mfu(10_000, fpt, None, 8) is None  # CPU: unknown peak -> n/a
-    assert flops_per_token(1000, 1, 10, 10, n_pos_params=100) == 6 * 900 + 12 * 10 * 10
+
+
+@pytest.mark.parametrize("preset, lookups", [
+    ("gpt2-tiny", ["transformer.wpe.weight"]),           # wte is tied to the LM head: a matmul, it stays in
+    ("llama-tiny", ["model.embed_tokens.weight"]),       # untied: the input embedding is a lookup only
+    ("neox-tiny", ["gpt_neox.embed_in.weight"]),
+    ("qwen2-tiny", []),                                  # tied, rotary (no position embedding)
+])
+def test_matmul_parameters_leave_out_embedding_lookups_only(preset, lookups):
+    from distclm.model import ModelShape, build_model, matmul_parameters, parameter_counts
+
+    model = build_model(preset, 0)
+    sizes = dict(model.named_parameters())
+    assert matmul_parameters(model) == parameter_counts(model)[1] - sum(sizes[n].numel() for n in lookups)
+    shape = ModelShape.of(model.config)
+    assert (shape.hidden_size, shape.num_layers, shape.num_heads, shape.head_dim, shape.max_positions,
+            shape.vocab_size) == (128, 2, 4, 32, 1024, 50257)
 
 
 def test_throughput_meter_reports_the_mfu_it_should():

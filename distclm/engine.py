@@ -1,0 +1,376 @@
+"""The ONE module that imports accelerate and deepspeed: the process group, DDP or ZeRO, a step, state I/O.
+
+Everything else in distclm talks to an `Engine`:
+
+    engine = Engine.start(cfg.train, shape.hidden_size)      # process group; DeepSpeed config registered
+    model = build_model(...)                                  # ZeRO-3: transformers builds it partitioned
+    engine.wrap(model, total_steps)                           # optimizer, schedule, DDP | ZeRO
+    with engine.micro_batch(last=...): engine.backward(loss)  # gradients synchronised on the last one
+    grad_norm = engine.optimizer_step()                       # clip, step, zero, schedule
+
+DDP on CPU needs `Accelerator(cpu=True)` (without it accelerate leaves several CPU processes
+unwrapped and the ranks silently diverge), while `cpu=True` silently turns DeepSpeed off: so
+cpu=True for DDP only. The lr schedule is ours, stepped once per optimizer step (never through
+accelerate or DeepSpeed, which would step it per process or per micro-batch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import warnings
+from datetime import timedelta
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from distclm import dist, ds_config, optim
+from distclm.errors import UserError
+
+# DeepSpeed calls torch.distributed functions that this torch deprecates (reduce_scatter_tensor,
+# all_gather_into_tensor): one FutureWarning per call site on every rank, noise for a user.
+warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\.\w+` is deprecated")
+
+
+def pick_backend(t) -> str:
+    if t.backend == "nccl" and not torch.cuda.is_available():
+        raise UserError("--train.backend=nccl needs CUDA GPUs and none is visible here; use --train.backend=gloo "
+                        "(or auto) on CPU")
+    if t.backend == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    return t.backend
+
+
+def pick_precision(t, training: bool = True) -> str:
+    """'no' | 'bf16' | 'fp16' in accelerate's words. For eval, auto means fp32: a perplexity should not
+    depend on the card."""
+    p = t.precision
+    if p in ("bf16", "fp16") and not torch.cuda.is_available():
+        raise UserError(f"--train.precision={p} needs a GPU here; use fp32 (or auto) on CPU")
+    if p == "auto":
+        return "bf16" if training and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return {"fp32": "no"}.get(p, p)
+
+
+def form_process_group(t, store=None, needed: bool = False) -> None:
+    """The one way distclm forms its process group (train, eval, generate, doctor).
+
+    Under torchrun's agent the store is prefixed by the restart count: the agent keeps ONE TCPStore
+    across restart rounds, so a restarted gloo group could otherwise read a dead round's addresses
+    ("connectFullMesh ... Connection refused", seen here in 1 of 4 restarts). `store`: one the caller
+    already holds (doctor's check-in store). A rendezvous or backend that cannot be reached within
+    --train.dist_timeout_s becomes one line naming MASTER_ADDR:MASTER_PORT.
+    """
+    import torch.distributed as td
+
+    from distclm.launch_checks import explain_init_errors
+
+    if td.is_initialized() or (dist.world_size() == 1 and not needed):
+        return
+    dist.ensure_launch_env()  # one process, no launcher: DeepSpeed still wants a (1-process) group
+    backend, timeout = pick_backend(t), timedelta(seconds=t.dist_timeout_s)
+    if backend == "nccl":
+        torch.cuda.set_device(dist.local_rank())
+    with explain_init_errors(t.dist_timeout_s):
+        if store is None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            agent = td.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), dist.world_size(),
+                                is_master=False, timeout=timeout)
+            store = td.PrefixStore(f"distclm/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent)
+        if store is None:
+            td.init_process_group(backend, init_method="env://", timeout=timeout)
+        else:
+            td.init_process_group(backend, store=store, rank=dist.rank(), world_size=dist.world_size(),
+                                  timeout=timeout)
+
+
+class Engine:
+    """The model wrapped for the strategy, its optimizer and schedule, and the collectives around them."""
+
+    def __init__(self, t, stage: int | None, ds: dict | None, accelerator, training: bool):
+        self.t, self.stage, self.ds, self.accelerator, self.training = t, stage, ds, accelerator, training
+        self.world, self.rank = dist.world_size(), dist.rank()
+        self.is_main = self.rank == 0
+        if accelerator is not None:
+            self.device = accelerator.device
+        else:
+            self.device = torch.device("cuda", dist.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+        self.model = self.module = self.optimizer = self.scheduler = None
+        self._zero3_config = None
+        if stage == 3:
+            # Alive before the model is built: transformers then constructs and loads it under zero.Init,
+            # partitioned (it holds this config through a weakref, hence the reference here).
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._zero3_config = HfDeepSpeedConfig(ds)
+
+    @classmethod
+    def start(cls, t, hidden_size: int, training: bool = True, universal: bool = False) -> "Engine":
+        """Form the process group and register the DeepSpeed config; the model is built after this."""
+        stage = ds_config.zero_stage(t.strategy)
+        ds_config.check_offload(t.strategy, t.offload)
+        precision = pick_precision(t, training)
+        pick_backend(t)  # nccl without a GPU fails here, before any process group
+        ds = ds_config.resolve(t, dist.world_size(), hidden_size, precision) if stage is not None else None
+        if ds is not None and universal:  # DeepSpeed reads this switch from the config it is built with
+            ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
+        form_process_group(t, needed=ds is not None)
+        if ds is not None:  # DeepSpeed's own comm adopts the group (zero.Init reads the world size from it)
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend=pick_backend(t), timeout=timedelta(seconds=t.dist_timeout_s))
+        return cls(t, stage, ds, _accelerator(t, ds, precision) if training else None, training)
+
+    # -- wrapping -----------------------------------------------------------------------------
+
+    def wrap(self, model, total_steps: int) -> None:
+        """Optimizer (AdamW; DeepSpeedCPUAdam when offloaded), schedule, and DDP | ZeRO around `model`."""
+        t = self.t
+        if t.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        adam = None
+        if self.ds is not None and t.offload != "none":
+            from deepspeed.ops.adam import DeepSpeedCPUAdam as adam
+        optimizer, self.scheduler = optim.build_optimizer_and_schedule(model, t, total_steps, adam)
+        self.module = model
+        if t.compile:
+            model = torch.compile(model)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+
+    def wrap_for_inference(self, model) -> None:
+        """Forward-only: partitioned by DeepSpeed under ZeRO-3 (every forward collective), else a copy per rank."""
+        self.module = model
+        if self.stage == 3:
+            import deepspeed
+
+            self.model, *_ = deepspeed.initialize(model=model, config=self.ds)
+        else:
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(pick_precision(self.t, training=False))
+            self.model = model.to(device=self.device, dtype=dtype)
+        self.model.eval()
+
+    @property
+    def forward_is_collective(self) -> bool:
+        """ZeRO-3: every forward gathers parameters from all ranks, so every rank must run as many."""
+        return self.stage == 3
+
+    @property
+    def deepspeed(self):
+        """The DeepSpeed engine (None under DDP)."""
+        return self.model if self.ds is not None else None
+
+    # -- one optimizer step --------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def micro_batch(self, last: bool) -> Iterator[None]:
+        """One micro-batch of the accumulation: gradients are synchronised (and ZeRO steps) on the last."""
+        # Set explicitly rather than counted by accelerate: its counter would come back in the old
+        # accumulation units after a resume onto another world size.
+        self.accelerator.gradient_state._set_sync_gradients(last)
+        with contextlib.nullcontext() if last or self.ds is not None else self.accelerator.no_sync(self.model):
+            yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's mean loss, scaled by 1/accumulation (under ZeRO, by DeepSpeed)."""
+        self.accelerator.backward(loss)
+
+    def optimizer_step(self) -> float:
+        """Clip, step, zero the gradients, step the schedule; -> the gradient norm before clipping.
+
+        A non-finite norm skips the update on every rank alike (the norm is of the all-reduced gradients).
+        """
+        if self.ds is not None:
+            # accelerator.backward already ran DeepSpeed's step (clip, step, zero) on the last micro-batch;
+            # on a non-finite norm ZeRO skips the update itself and reports the norm as inf.
+            norm = self.model.get_global_grad_norm()
+            norm = float(norm) if norm is not None else float("nan")
+        else:
+            max_norm = self.t.max_grad_norm if self.t.max_grad_norm > 0 else float("inf")
+            norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm))
+            if math.isfinite(norm):
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()  # a skipped update still consumes its step of the schedule
+        return norm
+
+    @property
+    def lr(self) -> float:
+        """The lr the next optimizer step uses."""
+        return float(self.scheduler.get_last_lr()[0])
+
+    # -- collectives ----------------------------------------------------------------------------
+
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every rank."""
+        return dist.broadcast_object(obj)
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def close(self) -> None:
+        """barrier + destroy_process_group: avoids a rare abort at interpreter shutdown."""
+        dist.destroy()
+
+    # -- state ---------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def gathered(self, params) -> Iterator[None]:
+        """Under ZeRO-3, `params` whole on every rank for the block (collective: every rank enters it); else nothing."""
+        params = [p for p in params if hasattr(p, "ds_id")] if self.stage == 3 else []
+        if not params:
+            yield
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield
+
+    def full_state_dict(self, trainable_only: bool = False, merge=None) -> Iterator[tuple[str, torch.Tensor | None]]:
+        """The model's state dict as (name, full CPU tensor), ONE module at a time, each tied tensor once.
+
+        A generator rather than a dict, so that at no time is the whole model gathered: under ZeRO-3
+        every rank must iterate (each module's parameters are gathered collectively, copied, released) and
+        the tensors are None except on rank 0. Names are the unwrapped model's (no DDP/compile prefix).
+        `merge`: (is_layer(module), tensors(prefix, module)) for layers written as one (LoRA merged into
+        its base), their submodules skipped.
+        """
+        seen, skip = set(), None
+        for prefix, module in self.module.named_modules():
+            if skip is not None and prefix.startswith(skip):
+                continue
+            if merge is not None and merge[0](module):
+                skip = prefix + "."
+                with self.gathered(module.parameters()):
+                    tensors = merge[1](prefix, module) if self.is_main else []
+                yield from tensors if self.is_main else [(prefix, None)]
+                continue
+            own = [(n, t) for n, t in module._parameters.items() if t is not None and id(t) not in seen
+                   and (t.requires_grad or not trainable_only)]
+            own += [(n, t) for n, t in module._buffers.items() if t is not None and not trainable_only
+                    and n not in module._non_persistent_buffers_set]
+            seen.update(id(t) for _, t in own)  # a tied weight (GPT-2's lm_head is its wte): once, as HF saves it
+            with self.gathered([t for _, t in own]):
+                values = [(f"{prefix}.{n}" if prefix else n, t.detach().cpu().clone() if self.is_main else None)
+                          for n, t in own]
+            yield from values
+
+    def save_state(self, folder: Path) -> None:
+        """Everything but the weights' HF copy: ZeRO shards (every rank), or rank 0's optimizer.pt; the schedule."""
+        if self.ds is not None:
+            self.model.save_checkpoint(str(folder / "deepspeed"), tag="state", save_latest=False)
+        elif self.is_main:
+            torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+        if self.is_main:
+            (folder / "scheduler.json").write_text(json.dumps(self.scheduler.state_dict(), default=float) + "\n")
+
+    def load_state(self, folder: Path, universal_folder: Path | None = None) -> None:
+        """Model, optimizer and schedule from a checkpoint folder (`universal_folder`: its universal copy)."""
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in self.scheduler.optimizer.param_groups]
+        if self.ds is not None:
+            path, _ = self.model.load_checkpoint(str(universal_folder or folder / "deepspeed"), tag="state",
+                                                 load_optimizer_states=True, load_lr_scheduler_states=False)
+            if path is None:
+                raise UserError(f"cannot resume from {folder}: DeepSpeed found no loadable state under deepspeed/")
+        else:
+            self._load_plain(folder)
+        self.scheduler.load_state_dict(json.loads((folder / "scheduler.json").read_text()))
+        self._repair_after_load(hyper)
+
+    def _load_plain(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        state = {}
+        for f in sorted((folder / "model").glob("*.safetensors")):
+            state.update(load_file(f))
+        missing, unexpected = self.module.load_state_dict(state, strict=False)
+        tied = {n for n, p in self.module.named_parameters(remove_duplicate=False)} - \
+            {n for n, p in self.module.named_parameters()}
+        if unexpected or set(missing) - tied:
+            raise UserError(f"cannot resume from {folder}: weights do not match the model "
+                            f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
+        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+
+    def _repair_after_load(self, hyper: list[dict]) -> None:
+        """After a (universal) load: this run's per-group hyper-parameters, the schedule's lr, own step counters.
+
+        DeepSpeed's ZeRO-3 universal loader copies group 0's hyper-parameters (weight decay) onto every
+        group and gives every group the SAME Adam `step` tensor, which AdamW then increments once per
+        group (bias correction ran ahead: losses drifted ~1e-2 in 10 steps). A weights-only reload also
+        leaves the lr at whatever the converter kept.
+        """
+        groups = self.scheduler.optimizer.param_groups
+        assert len(hyper) == len(groups), "the optimizer's groups changed during the load"
+        for group, h, lr in zip(groups, hyper, self.scheduler.get_last_lr()):
+            group.update(h)
+            group["lr"] = lr
+        for state in self.scheduler.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+    @staticmethod
+    def to_universal(src: Path, dst: Path) -> None:
+        """ZeRO shards (one tag folder) -> a DeepSpeed universal checkpoint that any world size loads.
+
+        `ds_to_universal` run in this process with one worker (its pool would fork a process that holds
+        a process group); `inject_missing_state` adds what stage 1/2 checkpoints lack.
+        """
+        import io
+        from argparse import Namespace
+
+        from deepspeed.checkpoint import ds_to_universal
+
+        args = Namespace(input_folder=str(src), output_folder=str(dst), num_extract_workers=1, num_merge_workers=1,
+                         keep_temp_folder=False, strict=True, inject_missing_state=True)
+        log = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                ds_to_universal.main(args)
+        except Exception as exc:
+            raise RuntimeError(f"DeepSpeed's ds_to_universal failed on {src}: {exc}\n{log.getvalue()[-4000:]}") from exc
+
+    @staticmethod
+    def zero_shards_state_dict(folder: Path) -> dict:
+        """A ZeRO checkpoint's fp32 weights as lazy tensors (`.contiguous()` reads one), files memory-mapped."""
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(None):
+            return get_fp32_state_dict_from_zero_checkpoint(str(folder / "deepspeed"), tag="state", lazy_mode=True)
+
+
+def deepspeed_ops(cache: str) -> tuple[str, list[tuple[str, str, str, str]]]:
+    """(accelerator, [(op, prebuilt, can JIT-build, built in `cache`)]) as DeepSpeed sees this machine (doctor)."""
+    try:
+        from deepspeed.git_version_info import accelerator_name, installed_ops
+        from deepspeed.ops.op_builder.all_ops import ALL_OPS
+        from deepspeed.ops.op_builder.builder import probe_is_compatible
+    except Exception as exc:  # not installed, or broken: say so instead of failing the whole report
+        return f"unavailable ({type(exc).__name__}: {exc})", []
+    rows = []
+    for name, builder in sorted(ALL_OPS.items()):
+        if name == "deepspeed_not_implemented":
+            continue
+        so = os.path.join(cache, builder.name, f"{builder.name}.so")
+        rows.append((name, "yes" if installed_ops.get(name) else "no",
+                     "yes" if probe_is_compatible(builder, False) else "no",
+                     "built" if os.path.exists(so) else "-"))
+    return accelerator_name or "(not recorded at install)", rows
+
+
+
+def _accelerator(t, ds: dict | None, precision: str):
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin
+
+    if ds is not None:
+        # `accelerate launch` with a CPU config exports ACCELERATE_USE_CPU, which silently turns DeepSpeed off.
+        os.environ.pop("ACCELERATE_USE_CPU", None)
+    return Accelerator(
+        cpu=not torch.cuda.is_available() and ds is None,
+        deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds) if ds is not None else None,
+        gradient_accumulation_steps=t.grad_accum,
+        mixed_precision=precision,
+        step_scheduler_with_optimizer=False,
+    )

@@ -1,0 +1,111 @@
+"""The run directory: which one (rank 0 names it, every rank takes its choice), whether this run may use
+it, and what it holds.
+
+    RUN/config.yaml          the resolved config          RUN/metrics.jsonl     one record per logged step / eval
+    RUN/ds_config.json       resolved DeepSpeed config    RUN/summary.json      wall time, tokens, final loss
+    RUN/checkpoints/step-N/  COMPLETE marker last         RUN/curves.png        loss and tokens/s against step
+    RUN/export/              Hugging Face folder          RUN/block_ids-rank{R}.txt   with --log.block_ids=true
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from distclm.atomic import atomic_write
+from distclm.config import Config, to_yaml
+from distclm.errors import UserError
+
+VERIFIED = "data-verified.json"  # the data fingerprints whose checksums this run dir has verified
+# Settings that make a run what it is: a run dir that holds other values is another run.
+IDENTITY_FIELDS = ("model.name", "data.dir", "train.lr", "train.weight_decay", "train.schedule",
+                   "train.warmup_steps", "train.epochs", "train.max_steps", "train.seed", "train.max_grad_norm")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def export(self) -> Path:
+        return self.path / "export"
+
+    def block_ids(self, rank: int) -> Path:
+        return self.path / f"block_ids-rank{rank}.txt"
+
+
+def default_run_dir(cfg: Config) -> str:
+    model = Path(cfg.model.name.rstrip("/")).name
+    return str(Path("runs") / f"{model}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+
+
+def claim_run_dir(cfg: Config, engine, data_fingerprints: list[str]) -> RunDir:
+    """Agree on the run dir, refuse one of another configuration, write config.yaml (and ds_config.json, and
+    which data it verified), then run the launch checks (ranks, topology, the folder shared by every node).
+    `cfg` is not changed."""
+    from distclm.launch_checks import check_launch
+
+    run = RunDir(Path(engine.broadcast(cfg.run.dir or default_run_dir(cfg))))
+    check_same_configuration(run.path, cfg)
+    if engine.is_main:
+        resolved = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=str(run.path)))
+        atomic_write(run.path / "config.yaml", to_yaml(resolved).encode())
+        if engine.ds is not None:
+            atomic_write(run.path / "ds_config.json", (json.dumps(engine.ds, indent=2) + "\n").encode())
+        atomic_write(run.path / VERIFIED, (json.dumps({"fingerprints": data_fingerprints}) + "\n").encode())
+    engine.barrier()
+    check_launch(run.path)
+    return run
+
+
+def check_same_configuration(run_dir: Path, cfg: Config) -> None:
+    """Refuse a run dir whose config.yaml holds another configuration, unless --run.overwrite."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if cfg.run.overwrite or not path.exists():
+        return
+    old, new, defaults = yaml.safe_load(path.read_text(encoding="utf-8")) or {}, cfg.to_dict(), Config().to_dict()
+
+    def value(tree: dict, key: str):  # a key missing from an older config.yaml had its default
+        section, name = key.split(".")
+        return (tree.get(section) or {}).get(name, defaults[section][name])
+
+    differ = [k for k in IDENTITY_FIELDS if value(old, k) != value(new, k)]
+    if differ:
+        raise UserError(f"--run.dir={run_dir} holds another configuration (differs in: "
+                        f"{', '.join(f'--{k}' for k in differ)}); use another --run.dir, or --run.overwrite=true")
+
+
+def open_data_verified(cfg: Config):
+    """Open the prepared folder(s); checksums are verified the first time a run dir uses them (on every rank,
+    before any process group, so a bad shard stops every rank alike). The run dir remembers them
+    (RUN/data-verified.json, written when the run dir is claimed)."""
+    from distclm.data.blocks import BlockReader
+
+    marker = Path(cfg.run.dir) / VERIFIED if cfg.run.dir else None
+    known = json.loads(marker.read_text()).get("fingerprints", []) if marker is not None and marker.exists() else []
+    readers = []
+    for folder in data_dirs(cfg):
+        reader = BlockReader(folder)
+        readers.append(reader if reader.manifest["source"].get("fingerprint") in known else
+                       BlockReader(folder, verify=True))
+    return readers
+
+
+def data_dirs(cfg: Config) -> list[str]:
+    """--data.dir as a list: one prepared folder, or a comma list of them (a weighted mixture)."""
+    if not cfg.data.dir:
+        raise UserError("--data.dir is required: a folder made by `distclm prepare` (or a comma list of them)")
+    return [d.strip() for d in str(cfg.data.dir).split(",") if d.strip()]

@@ -1,0 +1,27 @@
+"""Run under torchrun by the tests: distclm's train set-up (plan + engine) and nothing else, then report what
+this rank holds. Writes $DISTCLM_PROBE_OUT/rank-{R}.json:
+
+    {"rank", "local", "total", "largest"}: parameter elements materialised on this rank right after set-up
+    (partitions + anything gathered or persistent), the model's total, and its largest parameter.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/support/probe_setup.py --data.dir=D --model.name=M ...
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from distclm import dist
+from distclm.cli import parse
+from distclm.train import build_engine, make_plan
+
+cfg = parse(["train", *sys.argv[1:]]).cfg
+engine = build_engine(cfg, make_plan(cfg))
+params = list(engine.module.parameters())
+local = sum(p.data.numel() + (p.ds_tensor.numel() if hasattr(p, "ds_tensor") else 0) for p in params)
+total = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+largest = max(getattr(p, "ds_numel", p.numel()) for p in params)
+out = Path(os.environ["DISTCLM_PROBE_OUT"]) / f"rank-{dist.rank()}.json"
+out.write_text(json.dumps({"rank": dist.rank(), "local": local, "total": total, "largest": largest}))
+engine.close()
