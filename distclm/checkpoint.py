@@ -5,7 +5,8 @@ RUN/checkpoints/step-N/
     meta.json        the training state: step, sampler position (epoch, step in epoch, samples consumed),
                      world size, strategy, and what must match to resume (model, data, global batch, seed)
     config.yaml      the run's resolved config (and ds_config.json under DeepSpeed)
-    model/           Hugging Face config + tokenizer; full weights (safetensors) except under ZeRO-3
+    model/           Hugging Face config + tokenizer; full weights (safetensors) except under ZeRO-3 and LoRA
+    trainable.safetensors   LoRA: the adapter's weights (the frozen base is rebuilt from --model.name)
     optimizer.pt     DDP: optimizer state (tensors only: loads with weights_only=True)
     deepspeed/       ZeRO: DeepSpeed's own shards (model + optimizer partitions), as they are
     universal/       ZeRO, made on demand: the shards converted for another world size
@@ -81,7 +82,8 @@ def check_compatible(meta: dict, expected: dict, strategy: str, path: Path) -> N
     """Refuse to resume onto another model, data, global batch or kind of state, naming what differs."""
     for key, flag in (("model", "--model.name"), ("data_fingerprint", "--data.dir"),
                       ("global_batch", "--train.micro_batch_size x --train.grad_accum x world size"),
-                      ("block_size", "--data.dir block_size"), ("seed", "--train.seed")):
+                      ("block_size", "--data.dir block_size"), ("seed", "--train.seed"),
+                      ("lora", "--lora.*")):
         if meta.get(key) != expected.get(key):
             raise UserError(f"cannot resume from {path}: {key} was {meta.get(key)!r}, now {expected.get(key)!r} "
                             f"({flag}); use the original setting, another --run.dir, or --run.resume=none")
@@ -121,16 +123,23 @@ def save_checkpoint(engine, run_dir: Path, meta: dict, keep_last: int, hf) -> Pa
 
 
 def _write(engine, run_dir: Path, tmp: Path, meta: dict, hf) -> None:
+    from safetensors.torch import save_file
+
     from distclm.export import write_metadata, write_weights
+    from distclm.lora import base_model
 
     if engine.is_main:
         fresh_dir(tmp)
     engine.barrier()
     engine.save_state(tmp)
-    if not engine.forward_is_collective:  # ZeRO-3: the shards alone, nothing gathered
+    if engine.has_frozen:  # LoRA: the adapter alone (small, gathered under ZeRO-3 too)
+        adapter = dict(engine.full_state_dict(trainable_only=True))
+        if engine.is_main:
+            save_file(adapter, str(tmp / "trainable.safetensors"), metadata={"format": "pt"})
+    elif not engine.forward_is_collective:  # ZeRO-3: the shards alone, nothing gathered
         write_weights(tmp / "model", engine.full_state_dict())
     if engine.is_main:
-        write_metadata(tmp / "model", engine.module.config, *hf)
+        write_metadata(tmp / "model", base_model(engine.module).config, *hf)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         for name in ("config.yaml", "ds_config.json"):  # the resolved settings this state was trained with
             if (Path(run_dir) / name).exists():
@@ -197,38 +206,80 @@ def ensure_universal(engine, path: Path) -> Path:
 def export_run(run_dir: Path, out: Path | None = None, engine=None) -> Path:
     """The newest complete checkpoint as a Hugging Face folder in RUN/export (or `out`), atomically.
 
-    Its model/ folder when it holds the weights; under ZeRO-3, the weights gathered one parameter at a
-    time from the live `engine` (every rank calls this), or read one at a time from the checkpoint's
-    memory-mapped shards (`distclm export`, one process).
+    Its model/ folder when it holds the weights. Otherwise (ZeRO-3, LoRA) the weights are written one module at a
+    time: gathered from the live `engine` at the end of training (every rank calls this), or, for `distclm export`
+    (one process), read from the checkpoint's memory-mapped ZeRO shards or rebuilt (LoRA: the base model from
+    --model.name with the checkpoint's adapter). LoRA exports the merged model and export/adapter/.
     """
-    from distclm.export import check_full_weights, lazy_shard_tensors, write_weights
-
     found = complete_checkpoints(run_dir)
     if not found:
         raise UserError(f"{run_dir}: no complete checkpoint to export; train first (checkpoints/step-N/COMPLETE)")
     ckpt, out = found[-1], Path(out) if out else Path(run_dir) / "export"
-    has_weights = any((ckpt / "model").glob("*.safetensors"))
-    if has_weights or engine is None:
+    if any((ckpt / "model").glob("*.safetensors")):
         if dist.is_rank0():
             with atomic_dir(out) as tmp:
                 shutil.copytree(ckpt / "model", tmp, dirs_exist_ok=True)
-                if not has_weights:
-                    from distclm.engine import Engine
-
-                    write_weights(tmp, lazy_shard_tensors(Engine.zero_shards_state_dict(ckpt)))
         dist.barrier()
         return out
+    if engine is None:
+        return _export_offline(ckpt, out)
     tmp = out.with_name(f".tmp-{out.name}")
     if engine.is_main:
         fresh_dir(tmp)
         shutil.copytree(ckpt / "model", tmp, dirs_exist_ok=True)
-    write_weights(tmp, engine.full_state_dict())
+    _write_model(engine, tmp)
     if engine.is_main:
-        check_full_weights(engine.module.config, tmp, _param_bytes(engine.module))
         publish_dir(tmp, out)
     engine.barrier()
     return out
 
 
-def _param_bytes(model) -> int:
-    return sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in model.parameters())
+def _write_model(engine, folder: Path) -> None:
+    """The live model's weights into a Hugging Face folder (every rank calls this; rank 0 writes)."""
+    from distclm import lora
+    from distclm.export import check_full_weights, write_weights
+
+    if not engine.has_frozen:
+        write_weights(folder, engine.full_state_dict())
+        expected = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in engine.module.parameters())
+    else:
+        merged = engine.full_state_dict(merge=(lora.is_lora_layer, lora.merged_layer))
+        write_weights(folder, ((lora.base_name(n), t) for n, t in merged))
+        adapter = dict(engine.full_state_dict(trainable_only=True))
+        if engine.is_main:
+            lora.save_adapter(engine.module, adapter, folder / lora.ADAPTER)
+        expected = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in engine.module.parameters()
+                       if not p.requires_grad)
+    if engine.is_main:
+        check_full_weights(lora.base_model(engine.module).config, folder, expected)
+
+
+def _export_offline(ckpt: Path, out: Path) -> Path:
+    """`distclm export` without the run's processes: ZeRO-3 shards read one tensor at a time, or (LoRA) the base
+    model rebuilt from the run's --model.name with the checkpoint's adapter, merged."""
+    from distclm.engine import Engine
+    from distclm.export import lazy_shard_tensors, write_weights
+
+    with atomic_dir(out) as tmp:
+        shutil.copytree(ckpt / "model", tmp, dirs_exist_ok=True)
+        if (ckpt / "trainable.safetensors").exists():
+            _write_model(Engine.offline(_rebuild_lora(ckpt)), tmp)
+        else:
+            write_weights(tmp, lazy_shard_tensors(Engine.zero_shards_state_dict(ckpt)))
+    return out
+
+
+def _rebuild_lora(ckpt: Path):
+    from safetensors.torch import load_file
+
+    from distclm.config import build_config
+    from distclm.lora import apply_lora
+    from distclm.model import build_model
+
+    cfg = build_config(file=str(ckpt / "config.yaml"))
+    model = apply_lora(build_model(cfg.model.name, cfg.train.seed, cfg.model.trust_remote_code), cfg.lora,
+                       cfg.train.seed)
+    missing, unexpected = model.load_state_dict(load_file(ckpt / "trainable.safetensors"), strict=False)
+    if unexpected:
+        raise UserError(f"{ckpt}: its adapter does not fit the rebuilt model (unexpected {unexpected[:3]})")
+    return model

@@ -55,6 +55,15 @@ class ModelConfig:
 
 
 @dataclass
+class LoraConfig:
+    r: int = F(0, "LoRA rank through peft (0 = off: the whole model trains); the base model is frozen.")
+    alpha: float = F(16.0, "LoRA alpha: the adapter's output is scaled by alpha / r.")
+    dropout: float = F(0.0, "Dropout on the adapter's input.")
+    target_modules: str = F("auto", "Modules to adapt: auto (peft's default for the architecture) or a comma list "
+                                    "of module names (e.g. q_proj,v_proj).")
+
+
+@dataclass
 class TrainConfig:
     strategy: str = F("ddp", "Data parallelism: ddp or DeepSpeed ZeRO stage 1/2/3.", ("ddp", "zero1", "zero2", "zero3"))
     offload: str = F("none", "ZeRO CPU offload.", ("none", "optimizer", "all"))
@@ -112,6 +121,8 @@ class LogConfig:
     interval_s: float = F(10.0, "Seconds between plain console lines when there is no terminal.")
     peak_tflops: Optional[float] = F(None, "Device peak TFLOP/s for MFU (default: from a table of known GPUs).")
     block_ids: bool = F(False, "Append the block ids each rank trains on to RUN/block_ids-rank{R}.txt.")
+    trackers: str = F("none", "Experiment trackers (rank 0, the metrics.jsonl records): none or a comma list of "
+                              "tensorboard, mlflow, wandb (pip install 'distclm[trackers]').")
 
 
 @dataclass
@@ -127,6 +138,7 @@ class RunConfig:
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     gen: GenConfig = field(default_factory=GenConfig)
@@ -337,6 +349,10 @@ def validate(cfg: Config) -> None:
         raise UserError(f"--train.dist_timeout_s must be positive, got {t.dist_timeout_s}")
     if t.lr <= 0:
         raise UserError(f"--train.lr must be positive, got {t.lr}")
+    lora = cfg.lora
+    if lora.r < 0 or lora.alpha <= 0 or not 0 <= lora.dropout < 1:
+        raise UserError(f"--lora.r must be >= 0, --lora.alpha > 0 and --lora.dropout in [0, 1); got r={lora.r}, "
+                        f"alpha={lora.alpha}, dropout={lora.dropout}")
     if not 0 < cfg.gen.top_p <= 1:
         raise UserError(f"--gen.top_p must be in (0, 1], got {cfg.gen.top_p}")
 

@@ -104,8 +104,8 @@ def report(cfg: Config, mine: RankInfo) -> str:
     lines += _table(launcher_env())
     lines += ["", "resolved config"]
     try:
+        from distclm.dist import pick_backend, pick_precision
         from distclm.ds_config import zero_stage
-        from distclm.engine import pick_backend, pick_precision
 
         stage = zero_stage(cfg.train.strategy)
         lines.append(f"  # backend {pick_backend(cfg.train)}, precision {pick_precision(cfg.train)}, "
@@ -145,7 +145,7 @@ def _all_reduce(cfg: Config, mine: RankInfo, store, timeout_s: float) -> str | N
     import torch
     import torch.distributed as td
 
-    from distclm.engine import form_process_group, pick_backend
+    from distclm.dist import form_process_group, pick_backend
 
     try:
         # The same process-group formation as train, eval and generate, on the check-in store.

@@ -28,62 +28,12 @@ from typing import Iterator
 import torch
 
 from distclm import dist, ds_config, optim
+from distclm.dist import form_process_group, pick_backend, pick_precision, return_freed_memory
 from distclm.errors import UserError
 
 # DeepSpeed calls torch.distributed functions that this torch deprecates (reduce_scatter_tensor,
 # all_gather_into_tensor): one FutureWarning per call site on every rank, noise for a user.
 warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\.\w+` is deprecated")
-
-
-def pick_backend(t) -> str:
-    if t.backend == "nccl" and not torch.cuda.is_available():
-        raise UserError("--train.backend=nccl needs CUDA GPUs and none is visible here; use --train.backend=gloo "
-                        "(or auto) on CPU")
-    if t.backend == "auto":
-        return "nccl" if torch.cuda.is_available() else "gloo"
-    return t.backend
-
-
-def pick_precision(t, training: bool = True) -> str:
-    """'no' | 'bf16' | 'fp16' in accelerate's words. For eval, auto means fp32: a perplexity should not
-    depend on the card."""
-    p = t.precision
-    if p in ("bf16", "fp16") and not torch.cuda.is_available():
-        raise UserError(f"--train.precision={p} needs a GPU here; use fp32 (or auto) on CPU")
-    if p == "auto":
-        return "bf16" if training and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return {"fp32": "no"}.get(p, p)
-
-
-def form_process_group(t, store=None, needed: bool = False) -> None:
-    """The one way distclm forms its process group (train, eval, generate, doctor).
-
-    Under torchrun's agent the store is prefixed by the restart count: the agent keeps ONE TCPStore
-    across restart rounds, so a restarted gloo group could otherwise read a dead round's addresses
-    ("connectFullMesh ... Connection refused", seen here in 1 of 4 restarts). `store`: one the caller
-    already holds (doctor's check-in store). A rendezvous or backend that cannot be reached within
-    --train.dist_timeout_s becomes one line naming MASTER_ADDR:MASTER_PORT.
-    """
-    import torch.distributed as td
-
-    from distclm.launch_checks import explain_init_errors
-
-    if td.is_initialized() or (dist.world_size() == 1 and not needed):
-        return
-    dist.ensure_launch_env()  # one process, no launcher: DeepSpeed still wants a (1-process) group
-    backend, timeout = pick_backend(t), timedelta(seconds=t.dist_timeout_s)
-    if backend == "nccl":
-        torch.cuda.set_device(dist.local_rank())
-    with explain_init_errors(t.dist_timeout_s):
-        if store is None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-            agent = td.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), dist.world_size(),
-                                is_master=False, timeout=timeout)
-            store = td.PrefixStore(f"distclm/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent)
-        if store is None:
-            td.init_process_group(backend, init_method="env://", timeout=timeout)
-        else:
-            td.init_process_group(backend, store=store, rank=dist.rank(), world_size=dist.world_size(),
-                                  timeout=timeout)
 
 
 class Engine:
@@ -110,6 +60,8 @@ class Engine:
     def start(cls, t, hidden_size: int, training: bool = True, universal: bool = False) -> "Engine":
         """Form the process group and register the DeepSpeed config; the model is built after this."""
         stage = ds_config.zero_stage(t.strategy)
+        if stage == 3:
+            return_freed_memory()
         ds_config.check_offload(t.strategy, t.offload)
         precision = pick_precision(t, training)
         pick_backend(t)  # nccl without a GPU fails here, before any process group
@@ -167,15 +119,22 @@ class Engine:
     @contextlib.contextmanager
     def micro_batch(self, last: bool) -> Iterator[None]:
         """One micro-batch of the accumulation: gradients are synchronised (and ZeRO steps) on the last."""
-        # Set explicitly rather than counted by accelerate: its counter would come back in the old
-        # accumulation units after a resume onto another world size.
+        # Set explicitly rather than counted by accelerate or DeepSpeed: their counters would come back in the
+        # old accumulation units after a resume onto another world size.
+        if self.ds is not None:
+            self.model.set_gradient_accumulation_boundary(last)
+            yield
+            return
         self.accelerator.gradient_state._set_sync_gradients(last)
-        with contextlib.nullcontext() if last or self.ds is not None else self.accelerator.no_sync(self.model):
+        with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
             yield
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of one micro-batch's mean loss, scaled by 1/accumulation (under ZeRO, by DeepSpeed)."""
-        self.accelerator.backward(loss)
+        if self.ds is not None:
+            self.model.backward(loss)  # ZeRO reduces (scatters) the gradients at the boundary
+        else:
+            self.accelerator.backward(loss)
 
     def optimizer_step(self) -> float:
         """Clip, step, zero the gradients, step the schedule; -> the gradient norm before clipping.
@@ -183,8 +142,9 @@ class Engine:
         A non-finite norm skips the update on every rank alike (the norm is of the all-reduced gradients).
         """
         if self.ds is not None:
-            # accelerator.backward already ran DeepSpeed's step (clip, step, zero) on the last micro-batch;
-            # on a non-finite norm ZeRO skips the update itself and reports the norm as inf.
+            # DeepSpeed's step clips, steps and zeroes; on a non-finite norm ZeRO skips the update itself and
+            # reports the norm as inf.
+            self.model.step()
             norm = self.model.get_global_grad_norm()
             norm = float(norm) if norm is not None else float("nan")
         else:
@@ -257,10 +217,16 @@ class Engine:
                           for n, t in own]
             yield from values
 
+    @property
+    def has_frozen(self) -> bool:
+        """Some parameters are frozen (LoRA's base): checkpoints leave them out, the model rebuilds them."""
+        return any(not p.requires_grad for p in self.module.parameters())
+
     def save_state(self, folder: Path) -> None:
         """Everything but the weights' HF copy: ZeRO shards (every rank), or rank 0's optimizer.pt; the schedule."""
         if self.ds is not None:
-            self.model.save_checkpoint(str(folder / "deepspeed"), tag="state", save_latest=False)
+            self.model.save_checkpoint(str(folder / "deepspeed"), tag="state", save_latest=False,
+                                       exclude_frozen_parameters=self.has_frozen)
         elif self.is_main:
             torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
         if self.is_main:
@@ -271,7 +237,8 @@ class Engine:
         hyper = [{k: v for k, v in g.items() if k != "params"} for g in self.scheduler.optimizer.param_groups]
         if self.ds is not None:
             path, _ = self.model.load_checkpoint(str(universal_folder or folder / "deepspeed"), tag="state",
-                                                 load_optimizer_states=True, load_lr_scheduler_states=False)
+                                                 load_optimizer_states=True, load_lr_scheduler_states=False,
+                                                 load_module_strict=not self.has_frozen)
             if path is None:
                 raise UserError(f"cannot resume from {folder}: DeepSpeed found no loadable state under deepspeed/")
         else:
@@ -283,14 +250,15 @@ class Engine:
         from safetensors.torch import load_file
 
         state = {}
-        for f in sorted((folder / "model").glob("*.safetensors")):
+        for f in sorted((folder / "model").glob("*.safetensors")) + sorted(folder.glob("trainable.safetensors")):
             state.update(load_file(f))
         missing, unexpected = self.module.load_state_dict(state, strict=False)
-        tied = {n for n, p in self.module.named_parameters(remove_duplicate=False)} - \
-            {n for n, p in self.module.named_parameters()}
-        if unexpected or set(missing) - tied:
+        named = dict(self.module.named_parameters(remove_duplicate=False))
+        tied = set(named) - {n for n, _ in self.module.named_parameters()}
+        frozen = {n for n, p in named.items() if not p.requires_grad}  # LoRA's base: rebuilt, not saved
+        if unexpected or set(missing) - tied - frozen:
             raise UserError(f"cannot resume from {folder}: weights do not match the model "
-                            f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
+                            f"(missing {sorted(set(missing) - tied - frozen)[:3]}, unexpected {unexpected[:3]})")
         self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
 
     def _repair_after_load(self, hyper: list[dict]) -> None:
@@ -309,6 +277,39 @@ class Engine:
         for state in self.scheduler.optimizer.state.values():
             if torch.is_tensor(state.get("step")):
                 state["step"] = state["step"].clone()
+
+    def tracker(self, name: str, run_dir: Path, run_name: str, state: dict):
+        """One of accelerate's trackers, started (rank 0). `state` (RUN/trackers.json) keeps its run id: a resumed
+        run continues the same MLflow / wandb run; TensorBoard continues in the same folder."""
+        import uuid
+
+        from accelerate import tracking
+
+        if name == "tensorboard":
+            tracker = tracking.TensorBoardTracker("tensorboard", str(run_dir))
+        elif name == "mlflow":
+            if not os.environ.get("MLFLOW_TRACKING_URI"):  # a file store in the run dir (MLflow 3 wants it asked for)
+                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+                os.environ["MLFLOW_TRACKING_URI"] = (run_dir.resolve() / "mlruns").as_uri()
+            tracker = tracking.MLflowTracker("distclm", run_id=state.get("mlflow_run_id"), run_name=run_name)
+        else:
+            if not os.environ.get("WANDB_MODE") and not os.environ.get("WANDB_API_KEY"):
+                os.environ["WANDB_MODE"] = "offline"  # no account needed; `wandb sync RUN/wandb/...` uploads later
+            state.setdefault("wandb_id", uuid.uuid4().hex[:12])
+            tracker = tracking.WandBTracker(os.environ.get("WANDB_PROJECT", "distclm"), dir=str(run_dir),
+                                            id=state["wandb_id"], resume="allow", name=run_name)
+        tracker.start()
+        if name == "mlflow":
+            state["mlflow_run_id"] = tracker.active_run.info.run_id
+        return tracker
+
+    @classmethod
+    def offline(cls, module) -> "Engine":
+        """One process, no process group, nothing wrapped: to read a rebuilt model's state (`distclm export`)."""
+        engine = cls.__new__(cls)
+        engine.stage, engine.ds, engine.world, engine.rank, engine.is_main = None, None, 1, 0, True
+        engine.model = engine.module = module
+        return engine
 
     @staticmethod
     def to_universal(src: Path, dst: Path) -> None:

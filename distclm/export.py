@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Iterable
 
-SHARD_BYTES = 512 * 2**20  # per output file: bounds the writer's memory to this plus the largest tensor
+SHARD_BYTES = 256 * 2**20  # per output file: bounds the writer's memory to this plus the largest tensor
 
 
 class ShardWriter:

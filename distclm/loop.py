@@ -30,6 +30,8 @@ from distclm.config import Config
 from distclm.console import TrainConsole
 from distclm.metrics import MetricsFile, ThroughputMeter, memory_bytes
 from distclm.rundir import RunDir
+from distclm.straggler import SlowRankWatch, StepTimes, summary
+from distclm.trackers import Trackers
 
 
 class Preempted(Exception):
@@ -70,7 +72,10 @@ class Loop:
     hf: tuple  # (tokenizer, gen settings) for the Hugging Face folders of checkpoints
     console: TrainConsole
     metrics: MetricsFile
+    trackers: Trackers
     meter: ThroughputMeter
+    watch: SlowRankWatch | None = None  # rank 0: names slow ranks (straggler.py)
+    times: StepTimes = field(default_factory=StepTimes)
     start_step: int = 0
     losses: list = field(default_factory=list)
 
@@ -97,11 +102,12 @@ def forward_loss(model, x: torch.Tensor) -> torch.Tensor:
     return model(input_ids=x, labels=x, use_cache=False).loss
 
 
-def train_step(engine, x: torch.Tensor, step: int, seed: int) -> tuple[torch.Tensor, float]:
+def train_step(engine, x: torch.Tensor, step: int, seed: int, times: StepTimes) -> tuple[torch.Tensor, float]:
     """Optimizer step `step` (1-based) over this rank's (accum, micro, T) tokens -> (mean loss, grad norm).
 
     A non-finite gradient norm means the update was skipped (Engine.optimizer_step).
     """
+    t0 = time.perf_counter()
     total = torch.zeros((), dtype=torch.float64, device=x.device)
     accum = x.size(0)
     for k, micro in enumerate(x):
@@ -110,7 +116,9 @@ def train_step(engine, x: torch.Tensor, step: int, seed: int) -> tuple[torch.Ten
             loss = forward_loss(engine.model, micro)
             engine.backward(loss)
         total += loss.detach().double()
+    t1 = time.perf_counter()
     grad_norm = engine.optimizer_step()
+    times.add(compute=t1 - t0, optimizer=time.perf_counter() - t1)
     return total / accum, grad_norm
 
 
@@ -132,6 +140,12 @@ def log_block_ids(loop: Loop, step: int, ids: np.ndarray) -> None:
             fh.write(f"{step} " + " ".join(map(str, ids.reshape(-1).tolist())) + "\n")
 
 
+def emit(loop: Loop, record: dict) -> None:
+    """A record to metrics.jsonl and to the experiment trackers (rank 0)."""
+    loop.metrics.write(record)
+    loop.trackers.log(record)
+
+
 def should_log(loop: Loop, step: int) -> bool:
     every = loop.cfg.log.every_steps
     return step == loop.start_step + 1 or step == loop.plan.total_steps or (every > 0 and step % every == 0)
@@ -150,13 +164,25 @@ def log_step(loop: Loop, done: int, loss: float, lr: float, grad_norm: float, t0
               "mem_bytes": memory_bytes(loop.engine.device), "elapsed_s": elapsed, "time": time.time()}
     if not finite:
         record["skipped"] = True  # the update of this step was not applied
+    if should_log(loop, done):
+        record["step_parts"] = rank_times(loop)
     if should_log(loop, done) or not finite:
-        loop.metrics.write(record)
+        emit(loop, record)
     eta = elapsed / (done - loop.start_step) * (loop.plan.total_steps - done)
     loop.console.update({**record, "loss": loss, "grad_norm": grad_norm, "eta_s": eta,
                          "samples_per_s": tps / loop.plan.block_size if tps else None},
                         force=done == loop.plan.total_steps)
     return record
+
+
+def rank_times(loop: Loop) -> dict:
+    """The interval's seconds per step of each part on every rank (one small all-gather, every rank calls it):
+    -> its max and median per part for metrics.jsonl; rank 0 names a rank that stays slow."""
+    per_rank = dist.all_gather_object(loop.times.take())
+    if loop.watch is not None:
+        for line in loop.watch.update(per_rank):
+            loop.console.print(line)
+    return summary(per_rank)
 
 
 def check_finite(loop: Loop, done: int, loss: float, grad_norm: float, streak: int) -> int:
@@ -186,7 +212,7 @@ def run_eval(loop: Loop, step: int) -> dict | None:
     record = {"type": "eval", "step": step, "epoch": step / loop.plan.sampler.steps_per_epoch,
               "eval_loss": result["loss"], "eval_perplexity": result["perplexity"], "eval_tokens": result["tokens"],
               "eval_blocks": result["blocks"]}
-    loop.metrics.write(record)
+    emit(loop, record)
     loop.console.eval(record)
     return record
 
@@ -228,10 +254,15 @@ def run_loop(loop: Loop, stop: StopSignal) -> dict:
     for done in range(loop.start_step + 1, plan.total_steps + 1):
         ids = plan.sampler.rank_indices(done - 1, engine.rank)
         log_block_ids(loop, done, ids)
+        t = time.perf_counter()
         x = micro_batches(plan.train_blocks, ids, engine.device)
+        loop.times.add(data=time.perf_counter() - t)
         lr = engine.lr  # the lr this step uses (the schedule moves on inside train_step)
-        loss_local, grad_norm = train_step(engine, x, done, seed)
+        loss_local, grad_norm = train_step(engine, x, done, seed, loop.times)
+        t = time.perf_counter()
         loss, stop_all = agree(loss_local, stop.requested)
+        loop.times.add(comm=time.perf_counter() - t)
+        loop.times.step_done()
         loop.losses.append(loss)
         log_step(loop, done, loss, lr, grad_norm, t0)
         streak = check_finite(loop, done, loss, grad_norm, streak)

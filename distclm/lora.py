@@ -12,6 +12,7 @@ checkpointed. The export merges W + (alpha/r) B A one layer at a time with peft'
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from distclm.errors import UserError
@@ -35,7 +36,9 @@ def apply_lora(model, lora, seed: int):
                         task_type="CAUSAL_LM")
     torch.manual_seed(seed)  # lora_A's random init: the same on every rank and under every strategy
     try:
-        return get_peft_model(model, config)
+        with warnings.catch_warnings():  # "fan_in_fan_out ... Conv1D ... Setting it to True": peft handles GPT-2
+            warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+            return get_peft_model(model, config)
     except ValueError as exc:
         first = (str(exc).splitlines() or [""])[0][:200]
         if targets is None:
@@ -43,6 +46,11 @@ def apply_lora(model, lora, seed: int):
                             f"{model.config.model_type!r} ({first}); name them, e.g. --lora.target_modules=q_proj,v_proj"
                             ) from None
         raise UserError(f"--lora.target_modules={lora.target_modules}: {first}") from None
+
+
+def base_model(model):
+    """The Hugging Face model under a peft model (itself when there is no adapter)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def is_lora_layer(module) -> bool:

@@ -20,7 +20,8 @@ def param_groups(model, weight_decay: float) -> list[dict]:
         if p.requires_grad:
             # ds_shape: a ZeRO-3 partitioned parameter's full shape (its local tensor is flat)
             (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]  # (LoRA has no 1-D parameter; ZeRO would drop an empty group)
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):

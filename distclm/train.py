@@ -14,7 +14,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +26,8 @@ from distclm.config import Config
 from distclm.console import TrainConsole
 from distclm.data.loader import BlockSampler
 from distclm.errors import UserError
-from distclm.loop import Loop, NonFinite, Preempted, StopSignal, run_loop  # noqa: F401 (cli imports them here)
+from distclm.loop import Loop, StopSignal, run_loop
+from distclm.lora import apply_lora
 from distclm.metrics import MetricsFile, ThroughputMeter, device_name, flops_per_token, peak_tflops_for
 from distclm.model import (
     ModelShape,
@@ -36,6 +39,8 @@ from distclm.model import (
     parameter_counts,
 )
 from distclm.rundir import RunDir, claim_run_dir, open_data_verified
+from distclm.straggler import SlowRankWatch
+from distclm.trackers import Trackers, parse_names
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,7 @@ def make_plan(cfg: Config) -> Plan:
     if not cfg.model.name:
         raise UserError("--model.name is required: a hub id, a Hugging Face folder, a run dir, or a preset "
                         "(gpt2-tiny, llama-tiny, ...)")
+    parse_names(cfg.log.trackers)  # a tracker that is not installed: one line, before anything starts
     readers = open_data_verified(cfg)
     reader = readers[0]
     shape = ModelShape.of(load_config(cfg.model.name, cfg.model.trust_remote_code))
@@ -85,7 +91,8 @@ def make_plan(cfg: Config) -> Plan:
                         f"({t.micro_batch_size} micro x {t.grad_accum} accum x {world} processes); "
                         f"lower --train.micro_batch_size or --train.grad_accum")
     identity = {"model": cfg.model.name, "data_fingerprint": reader.manifest["source"].get("fingerprint"),
-                "global_batch": sampler.global_batch, "block_size": reader.block_size, "seed": t.seed}
+                "global_batch": sampler.global_batch, "block_size": reader.block_size, "seed": t.seed,
+                "lora": dataclasses.asdict(cfg.lora) if cfg.lora.r else None}
     # With no --run.dir the run dir is a fresh timestamped one: nothing to resume there.
     resume_from = find_resume(Path(cfg.run.dir) if cfg.run.dir else None, cfg.run.resume)
     meta = read_meta(resume_from) if resume_from is not None else None
@@ -103,7 +110,7 @@ def build_engine(cfg: Config, plan: Plan):
 
     engine = Engine.start(cfg.train, plan.shape.hidden_size, universal=plan.universal)
     model = build_model(cfg.model.name, cfg.train.seed, cfg.model.trust_remote_code)
-    engine.wrap(model, plan.total_steps)
+    engine.wrap(apply_lora(model, cfg.lora, cfg.train.seed), plan.total_steps)
     return engine
 
 
@@ -114,8 +121,11 @@ def build_loop(cfg: Config, plan: Plan, engine, run: RunDir) -> Loop:
                           plan.block_size)
     peak = peak_tflops_for(device_name(engine.device), cfg.log.peak_tflops)
     hf = (load_model_tokenizer(cfg.model.name, cfg.data.tokenizer), cfg.gen)
+    trackers = Trackers(engine, parse_names(cfg.log.trackers), run.path, cfg.to_dict())
     loop = Loop(cfg, plan, engine, run, hf, TrainConsole(plan.total_steps, cfg.log.interval_s),
-                MetricsFile(run.metrics, enabled=engine.is_main), ThroughputMeter(fpt, engine.world, peak))
+                MetricsFile(run.metrics, enabled=engine.is_main), trackers, ThroughputMeter(fpt, engine.world, peak))
+    hosts = dist.all_gather_object(socket.gethostname())  # once: to name a slow rank by its host
+    loop.watch = SlowRankWatch(hosts) if engine.is_main else None
     trainable, total = parameter_counts(module)
     loop.console.print(f"model {cfg.model.name} ({shape.model_type}): {total:,} parameters, {trainable:,} "
                        f"trainable; {engine.world} process(es), {cfg.train.strategy}")
@@ -137,7 +147,7 @@ def finish(loop: Loop, summary: dict) -> dict:
     from distclm.plot import plot_curves
 
     e = loop.engine
-    export_run(loop.run.path, engine=e if e.forward_is_collective else None)
+    export_run(loop.run.path, engine=e)
     trainable, total = parameter_counts(e.module)
     summary = {**summary, "params": {"trainable": trainable, "total": total}}
     if e.is_main:
@@ -150,7 +160,7 @@ def finish(loop: Loop, summary: dict) -> dict:
 
 
 def already_done(loop: Loop) -> dict:
-    export_run(loop.run.path, engine=loop.engine if loop.engine.forward_is_collective else None)
+    export_run(loop.run.path, engine=loop.engine)
     loop.console.print(f"{loop.run.path} is already complete at step {loop.start_step}; nothing to train "
                        f"(another --run.dir, or --run.resume=none to start over)")
     summary = loop.run.path / "summary.json"
@@ -170,7 +180,10 @@ def train(cfg: Config) -> dict:
             resume(loop)
         if loop.start_step >= plan.total_steps:
             return already_done(loop)
-        return finish(loop, run_loop(loop, stop))
+        try:
+            return finish(loop, run_loop(loop, stop))
+        finally:
+            loop.trackers.close()
     finally:
         stop.restore()
         engine.close() if engine is not None else dist.destroy()

@@ -1,20 +1,40 @@
 """Fault injection from the test side: loaded at start-up by child processes whose PYTHONPATH has this folder
 (tests.support.env.child_env(hooks={...})). Production code has no test hooks; this file patches it.
 
-    DISTCLM_TEST_NAN_STEPS="3,4,5"    the training loss of these optimizer steps (1-based) becomes NaN
+    DISTCLM_TEST_NAN_STEPS="3,4,5"       the training loss of these optimizer steps (1-based) becomes NaN
+    DISTCLM_TEST_SIGTERM_AT_STEP="10"    rank 0 sends itself SIGTERM during that step (a preemption, exactly there)
+    DISTCLM_TEST_SLOW_READS="1:0.2"      rank 1's block reads take 0.2 s longer (a slow disk on one node)
 """
 
 import os
+import signal
 
 _nan_steps = {int(s) for s in os.environ.get("DISTCLM_TEST_NAN_STEPS", "").split(",") if s.strip()}
+_sigterm_at = int(os.environ.get("DISTCLM_TEST_SIGTERM_AT_STEP", "0"))
+_slow_rank, _, _slow_s = os.environ.get("DISTCLM_TEST_SLOW_READS", "").partition(":")
 
-if _nan_steps:
+if _slow_rank and os.environ.get("RANK") == _slow_rank:
+    import time
+
+    from distclm.data.blocks import SplitBlocks
+
+    _batch = SplitBlocks.batch
+
+    def batch(self, indices):
+        time.sleep(float(_slow_s))
+        return _batch(self, indices)
+
+    SplitBlocks.batch = batch
+
+if _nan_steps or _sigterm_at:
     import distclm.loop as _loop
 
     _train_step, _forward_loss, _now = _loop.train_step, _loop.forward_loss, {"step": None}
 
     def train_step(engine, x, step, *args, **kwargs):
         _now["step"] = step
+        if step == _sigterm_at and os.environ.get("RANK", "0") == "0":
+            os.kill(os.getpid(), signal.SIGTERM)
         return _train_step(engine, x, step, *args, **kwargs)
 
     def forward_loss(*args, **kwargs):
