@@ -339,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("distclm: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `distclm train --help | head`: the reader left; nothing to report
+        return 0
 
 
 if __name__ == "__main__":

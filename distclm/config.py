@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from distclm.errors import UserError
+from distclm.presets import PRESETS
 
 
 def F(default: Any, doc: str, choices: tuple | None = None) -> Any:
@@ -43,7 +44,9 @@ class DataConfig:
     tokenizer: str = F("gpt2", "Tokenizer: `gpt2` (vendored, offline), a hub id, or a local folder.")
     num_workers: Optional[int] = F(None, "Tokenizer threads (default: all cores).")
     shard_blocks: int = F(65536, "Blocks per shard file.")
-    dir: Optional[str] = F(None, "Folder of the prepared blocks (manifest.json + shards).")
+    dir: Optional[str] = F(None, "Folder of the prepared blocks (manifest.json + shards); for train/eval a comma "
+                                 "list of folders is a weighted mixture (data.weights).")
+    weights: Optional[str] = F(None, "Mixture weights, a comma list as long as data.dir (default: equal).")
 
 
 @dataclass
@@ -71,7 +74,13 @@ class TrainConfig:
     backend: str = F("auto", "torch.distributed backend (auto: nccl on GPU, gloo on CPU).", ("auto", "nccl", "gloo"))
     precision: str = F("auto", "auto = bf16 on GPUs that have it, else fp32.", ("auto", "fp32", "bf16", "fp16"))
     micro_batch_size: int = F(8, "Blocks per process per forward pass.")
-    grad_accum: int = F(1, "Micro-batches accumulated per optimizer step.")
+    grad_accum: int = F(1, "Micro-batches accumulated per optimizer step (derived when global_batch_size is set).")
+    global_batch_size: Optional[int] = F(None, "Blocks per optimizer step on any world size: grad_accum = global / "
+                                               "(micro_batch_size x world size); a resume may change the world size.")
+    fused_loss: bool = F(True, "Compute the loss from the last hidden states in chunks, never materialising the "
+                               "(tokens x vocab) logits (training and eval); false = the model's own loss.")
+    doc_attention: str = F("cross", "Attention across the EOS between packed documents (cross, as the tutorial) "
+                                    "or only within each document of a block (within).", ("cross", "within"))
     lr: float = F(2e-5, "Peak learning rate (AdamW).")
     weight_decay: float = F(0.01, "AdamW weight decay (not applied to biases and LayerNorm).")
     schedule: str = F("linear", "Learning-rate decay after warmup.", ("linear", "cosine", "constant"))
@@ -148,32 +157,6 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-
-# Named bundles of fields. Later layers (file, flags) override them.
-PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    # The embedded offline default: Python's own pydoc topics, a tiny random-init GPT-2.
-    # Learns in ~2 minutes on 2 CPU cores: a random 7 M-parameter model needs lr 1e-3, not 2e-5.
-    "demo": {
-        "data": {"source": "pydoc", "dir": "data/pydoc", "block_size": 128, "val_fraction": 0.1},
-        "model": {"name": "gpt2-tiny"},
-        "train": {"strategy": "zero2", "lr": 1e-3, "epochs": 1, "warmup_steps": 5, "micro_batch_size": 8},
-        "eval": {"batch_size": 16},
-        "gen": {"prompt": "The with statement", "max_new_tokens": 40},
-        "run": {"dir": "runs/demo"},
-    },
-    # The Hugging Face causal-LM tutorial, exactly: ELI5 answers, DistilGPT2, lr 2e-5, wd 0.01.
-    # datasets >= 4 no longer runs eli5_category's loading script: its parquet conversion is read.
-    "eli5-distilgpt2": {
-        "data": {"source": "eli5_category", "revision": "refs/convert/parquet", "split": "train",
-                 "max_docs": 5000, "text_field": "answers.text", "join_with": " ",
-                 "val_fraction": 0.2, "block_size": 128, "dir": "data/eli5"},
-        "model": {"name": "distilgpt2"},
-        "train": {"lr": 2e-5, "weight_decay": 0.01, "epochs": 3, "micro_batch_size": 8},
-        "eval": {"batch_size": 8, "every_steps": 0},
-        "gen": {"prompt": "Somatic hypermutation allows the immune system to"},
-        "run": {"dir": "runs/eli5-distilgpt2"},
-    },
-}
 
 SECTIONS = [f.name for f in dataclasses.fields(Config)]
 
@@ -337,6 +320,7 @@ def validate(cfg: Config) -> None:
         raise UserError(f"--data.val_fraction must be in [0, 1), got {d.val_fraction}")
     for key, value in {"data.max_docs": d.max_docs, "data.val_docs": d.val_docs,
                        "data.num_workers": d.num_workers, "train.max_steps": t.max_steps,
+                       "train.global_batch_size": t.global_batch_size,
                        "eval.max_blocks": cfg.eval.max_blocks}.items():
         if value is not None and value < (0 if key == "data.val_docs" else 1):
             raise UserError(f"--{key} must be positive, got {value}")

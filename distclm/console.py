@@ -153,8 +153,9 @@ class TrainConsole:
 
     def eval(self, record: dict) -> None:
         self.last_eval = record
+        folders = "".join(f"; {name}: {r['perplexity']:.2f}" for name, r in record.get("eval_by_dir", {}).items())
         self.print(f"eval step {record['step']}: loss {record['eval_loss']:.4f} "
-                   f"perplexity {record['eval_perplexity']:.2f} ({record['eval_tokens']:,} tokens)")
+                   f"perplexity {record['eval_perplexity']:.2f} ({record['eval_tokens']:,} tokens{folders})")
 
     def print(self, line: str) -> None:
         if not self.enabled:

@@ -48,6 +48,7 @@ class Engine:
         else:
             self.device = torch.device("cuda", dist.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
         self.model = self.module = self.optimizer = self.scheduler = None
+        self.loss = "the model's own"  # which loss the model computes (loss.install), for the console
         self._zero3_config = None
         if stage == 3:
             # Alive before the model is built: transformers then constructs and loads it under zero.Init,
@@ -88,6 +89,7 @@ class Engine:
             from deepspeed.ops.adam import DeepSpeedCPUAdam as adam
         optimizer, self.scheduler = optim.build_optimizer_and_schedule(model, t, total_steps, adam)
         self.module = model
+        self._external_output_layer(model)
         if t.compile:
             model = torch.compile(model)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
@@ -95,6 +97,7 @@ class Engine:
     def wrap_for_inference(self, model) -> None:
         """Forward-only: partitioned by DeepSpeed under ZeRO-3 (every forward collective), else a copy per rank."""
         self.module = model
+        self._external_output_layer(model)
         if self.stage == 3:
             import deepspeed
 
@@ -103,6 +106,20 @@ class Engine:
             dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(pick_precision(self.t, training=False))
             self.model = model.to(device=self.device, dtype=dtype)
         self.model.eval()
+
+    def _external_output_layer(self, model) -> None:
+        """ZeRO-3 gathers a module's parameters around that module's forward; the fused loss uses the output layer
+        outside it (loss.py), so the model's forward must gather it too, forward and backward."""
+        from distclm.lora import base_model
+
+        hf = base_model(model)
+        if self.stage == 3 and getattr(hf, "distclm_fused_loss", False):
+            import deepspeed
+
+            head = hf.get_output_embeddings()
+            for p in (head.weight, head.bias):
+                if p is not None:
+                    deepspeed.zero.register_external_parameter(hf, p)
 
     @property
     def forward_is_collective(self) -> bool:

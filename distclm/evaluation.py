@@ -18,29 +18,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from distclm import dist
+from distclm.loss import nll_sum
 
 
 def rank_slice(n: int, rank: int, world: int) -> range:
     return range(n * rank // world, n * (rank + 1) // world)
 
 
-def nll_sum(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """Summed next-token NLL of a batch (B, T) in float64: sum over B x (T-1) predicted tokens."""
-    logits = model(input_ids=input_ids, use_cache=False).logits  # (B, T, V)
-    logits = logits[:, :-1, :].float()
-    targets = input_ids[:, 1:]
-    # Per-token NLL in float32 (as the model computes it), summed in float64: the sum does not
-    # drift with the number of tokens in a batch, so batch size leaves the result unchanged.
-    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
-    return nll.double().sum()
-
-
 @torch.no_grad()
 def local_sums(model, blocks, batch_size: int, device, rank: int, world: int,
-               collective_forward: bool = False) -> torch.Tensor:
+               collective_forward: bool = False, eos: int | None = None) -> torch.Tensor:
     """[NLL sum, predicted tokens] (float64) of rank `rank`'s slice of `blocks` (a SplitBlocks)."""
     n = len(blocks)
     mine = rank_slice(n, rank, world)
@@ -55,7 +44,7 @@ def local_sums(model, blocks, batch_size: int, device, rank: int, world: int,
         if not counted:
             ids = [0]  # an uncounted forward that keeps ZeRO-3's collectives in step
         x = torch.from_numpy(blocks.batch(ids).astype(np.int64)).to(device)  # (B, T)
-        loss = nll_sum(model, x)
+        loss = nll_sum(model, x, eos)
         if counted:
             sums[0] += loss
             sums[1] += x.numel() - x.size(0)  # B x (T - 1) predicted tokens
@@ -70,18 +59,28 @@ def finish(sums: torch.Tensor, n_blocks: int, world: int) -> dict:
             "tokens": tokens, "blocks": n_blocks, "world_size": world}
 
 
-def evaluate(model, blocks, batch_size: int, device, collective_forward: bool = False) -> dict:
+def evaluate(model, blocks, batch_size: int, device, collective_forward: bool = False, eos: int | None = None) -> dict:
     """Loss and perplexity over all of `blocks`; every rank calls it and gets the same numbers."""
     was_training = model.training
     model.eval()
     try:
-        sums = local_sums(model, blocks, batch_size, device, dist.rank(), dist.world_size(), collective_forward)
+        sums = local_sums(model, blocks, batch_size, device, dist.rank(), dist.world_size(), collective_forward, eos)
     finally:
         if was_training:
             model.train()
     # global_loss = sum_ranks(nll_sum) / sum_ranks(tokens): one all-reduce of two float64 numbers
     dist.all_reduce_sum(sums)
     return finish(sums, len(blocks), dist.world_size())
+
+
+def evaluate_splits(model, splits: list, batch_size: int, device, collective_forward: bool = False,
+                    eos: int | None = None) -> dict:
+    """[(folder, blocks, weight)] -> one folder's result, or the mixture's (each folder's under "by_dir")."""
+    from distclm.data import mixture
+
+    results = [(name, evaluate(model, blocks, batch_size, device, collective_forward, eos))
+               for name, blocks, _ in splits]
+    return results[0][1] if len(results) == 1 else mixture.combine(results, [w for _, _, w in splits])
 
 
 def write_result(result: dict, path: str) -> None:
@@ -96,41 +95,64 @@ def eval_command(cfg) -> int:
     """`distclm eval`: perplexity of --model.name on --data.dir's --eval.split; rank 0 prints and writes JSON.
 
     --train.strategy=zero3 builds the model partitioned across the ranks (DeepSpeed ZeRO-3, every forward
-    collective): no rank ever holds all of it. Any other strategy keeps a full copy on every rank.
+    collective): no rank ever holds all of it. Any other strategy keeps a full copy on every rank. Several
+    folders (--data.dir=a,b): each one's perplexity and the --data.weights weighted one.
     """
-    from distclm.data.blocks import BlockReader
     from distclm.engine import Engine
     from distclm.errors import UserError
     from distclm.generate import quiet_loading
-    from distclm.model import ModelShape, build_model, check_data_fits, load_config, resolve_model_dir
+    from distclm.loss import install
+    from distclm.model import ModelShape, build_model, load_config, resolve_model_dir
 
     if not cfg.model.name:
         raise UserError("--model.name is required: a run dir, a Hugging Face folder or a hub id")
-    if not cfg.data.dir:
-        raise UserError("--data.dir is required: a folder made by `distclm prepare`")
-    reader = BlockReader(cfg.data.dir)
-    blocks = reader.split(cfg.eval.split).first(cfg.eval.max_blocks)
     quiet_loading()
     shape = ModelShape.of(load_config(cfg.model.name, cfg.model.trust_remote_code))
-    check_data_fits(shape, reader, f"--model.name={cfg.model.name}")
+    readers, splits = eval_data(cfg, shape)
     engine = Engine.start(cfg.train, shape.hidden_size, training=False)
     try:
-        engine.wrap_for_inference(build_model(cfg.model.name, cfg.train.seed, cfg.model.trust_remote_code))
+        model = build_model(cfg.model.name, cfg.train.seed, cfg.model.trust_remote_code)
+        install(model, cfg.train.fused_loss)
+        engine.wrap_for_inference(model)
         held = "partitioned across processes (DeepSpeed ZeRO-3)" if engine.forward_is_collective else \
             "a full copy per process"
         if engine.is_main:
             print(f"eval: {resolve_model_dir(cfg.model.name)} on {cfg.data.dir} [{cfg.eval.split}], "
-                  f"{len(blocks):,} blocks{' (--eval.max_blocks)' if cfg.eval.max_blocks else ''}, {engine.world} "
-                  f"process(es), weights {held}", flush=True)
-        result = evaluate(engine.model, blocks, cfg.eval.batch_size, engine.device,
-                          collective_forward=engine.forward_is_collective)
+                  f"{sum(len(b) for _, b, _ in splits):,} blocks{' (--eval.max_blocks)' if cfg.eval.max_blocks else ''}"
+                  f", {engine.world} process(es), weights {held}", flush=True)
+        eos = readers[0].eos_token_id if cfg.train.doc_attention == "within" else None
+        result = evaluate_splits(engine.model, splits, cfg.eval.batch_size, engine.device,
+                                 engine.forward_is_collective, eos)
     finally:
-        reader.close()
+        for reader in readers:
+            reader.close()
         engine.close()
     if engine.is_main:
-        print(f"loss: {result['loss']:.6f}  tokens: {result['tokens']:,}  blocks: {result['blocks']:,}  "
-              f"world_size: {result['world_size']}")
-        print(f"perplexity: {result['perplexity']:.6f}")
-        if cfg.eval.output:
-            write_result(result, cfg.eval.output)
+        report(result, cfg.eval.output)
     return 0
+
+
+def eval_data(cfg, shape):
+    """The prepared folder(s) of --data.dir, checked against the model -> (readers, [(folder, blocks, weight)])."""
+    from distclm.data import mixture
+    from distclm.data.blocks import BlockReader
+    from distclm.model import check_data_fits
+    from distclm.rundir import data_dirs
+
+    readers = [BlockReader(d) for d in data_dirs(cfg)]
+    ws = mixture.weights(cfg, len(readers))
+    mixture.check_same_tokens(readers)
+    for reader in readers:
+        check_data_fits(shape, reader, f"--model.name={cfg.model.name}")
+    return readers, [(str(r.folder), r.split(cfg.eval.split).first(cfg.eval.max_blocks), w)
+                     for r, w in zip(readers, ws)]
+
+
+def report(result: dict, output: str | None) -> None:
+    for name, r in result.get("by_dir", {}).items():
+        print(f"{name}: loss {r['loss']:.6f}  perplexity {r['perplexity']:.6f}  tokens {r['tokens']:,}")
+    print(f"loss: {result['loss']:.6f}  tokens: {result['tokens']:,}  blocks: {result['blocks']:,}  "
+          f"world_size: {result['world_size']}")
+    print(f"perplexity: {result['perplexity']:.6f}")
+    if output:
+        write_result(result, output)

@@ -28,6 +28,7 @@ from distclm import dist
 from distclm.checkpoint import complete_checkpoints, save_checkpoint
 from distclm.config import Config
 from distclm.console import TrainConsole
+from distclm.loss import mean_loss
 from distclm.metrics import MetricsFile, ThroughputMeter, memory_bytes
 from distclm.rundir import RunDir
 from distclm.straggler import SlowRankWatch, StepTimes, summary
@@ -97,12 +98,13 @@ def micro_batches(blocks, ids: np.ndarray, device: torch.device) -> torch.Tensor
     return torch.from_numpy(x).to(device, non_blocking=True)
 
 
-def forward_loss(model, x: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss of a micro-batch (B, T): the model shifts the labels inside."""
-    return model(input_ids=x, labels=x, use_cache=False).loss
+def forward_loss(model, x: torch.Tensor, eos: int | None) -> torch.Tensor:
+    """Mean next-token loss of a micro-batch (B, T) (`eos`: attention within documents; loss.py)."""
+    return mean_loss(model, x, eos)
 
 
-def train_step(engine, x: torch.Tensor, step: int, seed: int, times: StepTimes) -> tuple[torch.Tensor, float]:
+def train_step(engine, x: torch.Tensor, step: int, seed: int, times: StepTimes,
+               eos: int | None = None) -> tuple[torch.Tensor, float]:
     """Optimizer step `step` (1-based) over this rank's (accum, micro, T) tokens -> (mean loss, grad norm).
 
     A non-finite gradient norm means the update was skipped (Engine.optimizer_step).
@@ -113,7 +115,7 @@ def train_step(engine, x: torch.Tensor, step: int, seed: int, times: StepTimes) 
     for k, micro in enumerate(x):
         torch.manual_seed(micro_seed(seed, step, k * engine.world + engine.rank))  # [accum][world] layout
         with engine.micro_batch(last=k == accum - 1):
-            loss = forward_loss(engine.model, micro)
+            loss = forward_loss(engine.model, micro, eos)
             engine.backward(loss)
         total += loss.detach().double()
     t1 = time.perf_counter()
@@ -202,16 +204,19 @@ def check_finite(loop: Loop, done: int, loss: float, grad_norm: float, streak: i
 
 
 def run_eval(loop: Loop, step: int) -> dict | None:
-    from distclm.evaluation import evaluate
+    from distclm.evaluation import evaluate_splits
 
-    blocks = loop.plan.eval_blocks
-    if blocks is None or len(blocks) == 0:
+    splits = [s for s in loop.plan.eval_splits if len(s[1])]
+    if not splits:
         return None
     e = loop.engine
-    result = evaluate(e.model, blocks, loop.cfg.eval.batch_size, e.device, collective_forward=e.forward_is_collective)
+    result = evaluate_splits(e.model, splits, loop.cfg.eval.batch_size, e.device, e.forward_is_collective,
+                             loop.plan.eos)
     record = {"type": "eval", "step": step, "epoch": step / loop.plan.sampler.steps_per_epoch,
               "eval_loss": result["loss"], "eval_perplexity": result["perplexity"], "eval_tokens": result["tokens"],
               "eval_blocks": result["blocks"]}
+    if "by_dir" in result:  # a mixture: each folder's, the weighted one above
+        record["eval_by_dir"] = result["by_dir"]
     emit(loop, record)
     loop.console.eval(record)
     return record
@@ -220,6 +225,7 @@ def run_eval(loop: Loop, step: int) -> dict | None:
 def save(loop: Loop, step: int) -> Path:
     path = save_checkpoint(loop.engine, loop.run.path, loop.plan.checkpoint_meta(step), loop.cfg.train.keep_last,
                            loop.hf)
+    loop.trackers.checkpointed(step)
     loop.console.print(f"checkpoint {path}")
     return path
 
@@ -258,7 +264,7 @@ def run_loop(loop: Loop, stop: StopSignal) -> dict:
         x = micro_batches(plan.train_blocks, ids, engine.device)
         loop.times.add(data=time.perf_counter() - t)
         lr = engine.lr  # the lr this step uses (the schedule moves on inside train_step)
-        loss_local, grad_norm = train_step(engine, x, done, seed, loop.times)
+        loss_local, grad_norm = train_step(engine, x, done, seed, loop.times, plan.eos)
         t = time.perf_counter()
         loss, stop_all = agree(loss_local, stop.requested)
         loop.times.add(comm=time.perf_counter() - t)

@@ -38,6 +38,7 @@ def apply_lora(model, lora, seed: int):
     try:
         with warnings.catch_warnings():  # "fan_in_fan_out ... Conv1D ... Setting it to True": peft handles GPT-2
             warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft asks transformers
             return get_peft_model(model, config)
     except ValueError as exc:
         first = (str(exc).splitlines() or [""])[0][:200]

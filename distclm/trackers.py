@@ -10,8 +10,10 @@ RUN/mlruns (experiment "distclm", run named after the run dir); wandb into RUN/w
 WANDB_MODE says otherwise or WANDB_API_KEY is set (project $WANDB_PROJECT, else "distclm").
 
 A resumed run continues the same tracker run (the same TensorBoard folder, MLflow run id and wandb run id,
-kept in RUN/trackers.json). Steps between the checkpoint and a crash were logged before it: they are not
-logged again (their values are the same, resume being exact); the next new step is.
+kept in RUN/trackers.json). Steps that a crashed launch logged after its last checkpoint run again after
+the resume: they are not logged twice (their values are the same, resume being exact), and a step the
+crashed launch did not log is logged. wandb accepts only increasing steps: such a step (say step 5, after
+the crashed launch had logged step 6) is dropped there, with wandb's warning; TensorBoard and MLflow take it.
 """
 
 from __future__ import annotations
@@ -65,11 +67,19 @@ def hyperparameters(config: dict, env=None) -> dict:
     return out
 
 
-def values(record: dict) -> dict:
-    """A metrics.jsonl record -> the tracker's scalars: `train/loss`, `eval/eval_perplexity`, ..."""
-    skip = {"type", "step", "time"}
-    return {f"{record['type']}/{k}": float(v) for k, v in record.items()
-            if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+def values(record: dict, prefix: str | None = None) -> dict:
+    """A metrics.jsonl record -> the tracker's scalars: `train/loss`, `eval/eval_perplexity`, and nested ones
+    flattened (`train/step_parts/data/max`, `eval/eval_by_dir/<folder>/perplexity`)."""
+    prefix = record["type"] if prefix is None else prefix
+    out = {}
+    for key, value in record.items():
+        if key in ("type", "step", "time") and prefix == record.get("type"):
+            continue
+        if isinstance(value, dict):
+            out.update(values({**value, "type": None}, f"{prefix}/{key}"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            out[f"{prefix}/{key}"] = float(value)
+    return out
 
 
 class Trackers:
@@ -77,24 +87,33 @@ class Trackers:
 
     def __init__(self, engine, names: list[str], run_dir: Path, config: dict):
         self.path, self.trackers = Path(run_dir) / STATE, []
-        self.state = json.loads(self.path.read_text()) if self.path.exists() else {"last": {}}
+        self.state = json.loads(self.path.read_text()) if self.path.exists() else {"logged": {}}
         if not names or not engine.is_main:
             return
-        fresh = not self.state["last"]
+        fresh = "started" not in self.state
         for name in names:
             tracker = engine.tracker(name, Path(run_dir), Path(run_dir).name, self.state)
             if fresh:
                 tracker.store_init_configuration(hyperparameters(config))
             self.trackers.append(tracker)
+        self.state["started"] = True
         self._save()
 
     def log(self, record: dict) -> None:
-        if not self.trackers or record["step"] <= self.state["last"].get(record["type"], 0):
-            return  # logged before a crash: the same step, the same values
+        """A metrics.jsonl record, unless a crashed launch already logged its step (since its last checkpoint)."""
+        logged = self.state["logged"].setdefault(record["type"], [])
+        if not self.trackers or record["step"] in logged:
+            return
         for tracker in self.trackers:
             tracker.log(values(record), step=record["step"])
-        self.state["last"][record["type"]] = record["step"]
+        logged.append(record["step"])
         self._save()
+
+    def checkpointed(self, step: int) -> None:
+        """A checkpoint at `step`: no resume will run a step up to it again, so their record can go."""
+        if self.trackers:
+            self.state["logged"] = {k: [s for s in v if s > step] for k, v in self.state["logged"].items()}
+            self._save()
 
     def _save(self) -> None:
         atomic_write(self.path, (json.dumps(self.state, indent=1) + "\n").encode())

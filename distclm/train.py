@@ -24,10 +24,12 @@ from distclm import dist
 from distclm.checkpoint import check_compatible, export_run, find_resume, load_checkpoint, needs_universal, read_meta
 from distclm.config import Config
 from distclm.console import TrainConsole
-from distclm.data.loader import BlockSampler
+from distclm.data import mixture
+from distclm.data.loader import BlockSampler, MixedBlocks, MixtureSampler
 from distclm.errors import UserError
 from distclm.loop import Loop, StopSignal, run_loop
 from distclm.lora import apply_lora
+from distclm.loss import install
 from distclm.metrics import MetricsFile, ThroughputMeter, device_name, flops_per_token, peak_tflops_for
 from distclm.model import (
     ModelShape,
@@ -49,18 +51,25 @@ class Plan:
 
     cfg: Config
     shape: ModelShape
-    train_blocks: object  # SplitBlocks
-    eval_blocks: object | None
-    sampler: BlockSampler
+    train_blocks: object  # SplitBlocks, or MixedBlocks for a mixture of folders
+    eval_splits: list  # [(folder, SplitBlocks, weight)]: each folder's eval split (first --eval.max_blocks)
+    weights: list  # the mixture's weights (one "1" for a single folder)
+    sampler: object  # BlockSampler, or MixtureSampler
     total_steps: int
     identity: dict  # what a checkpoint must share with this run to be resumed by it
     data_fingerprints: list  # of the prepared folders, verified
     resume_from: Path | None
     meta: dict | None  # the checkpoint's training state
+    eos_token_id: int = 0
 
     @property
     def block_size(self) -> int:
         return self.train_blocks.block_size
+
+    @property
+    def eos(self) -> int | None:
+        """The EOS id when attention stays within documents (--train.doc_attention=within), else None."""
+        return self.eos_token_id if self.cfg.train.doc_attention == "within" else None
 
     @property
     def universal(self) -> bool:
@@ -74,24 +83,52 @@ class Plan:
                 "strategy": self.cfg.train.strategy}
 
 
+def for_world(cfg: Config, world: int) -> Config:
+    """--train.global_batch_size resolved for this world size (grad_accum = global / (micro x world)); the config
+    as it is otherwise. A world size that does not divide the global batch is refused, naming the ones that do."""
+    t = cfg.train
+    if t.global_batch_size is None:
+        return cfg
+    g, m = t.global_batch_size, t.micro_batch_size
+    if g % (m * world):
+        fits = ", ".join(str(w) for w in range(1, g // m + 1) if g % (m * w) == 0) or "none (not a multiple of it)"
+        raise UserError(f"--train.global_batch_size={g} is not a multiple of --train.micro_batch_size={m} x {world} "
+                        f"process(es); world sizes that divide it: {fits}")
+    return dataclasses.replace(cfg, train=dataclasses.replace(t, grad_accum=g // (m * world)))
+
+
+def open_data(cfg: Config, shape: ModelShape):
+    """The prepared folder(s), checked against the model and each other -> (readers, weights, train, sampler)."""
+    t, world = cfg.train, dist.world_size()
+    readers = open_data_verified(cfg)
+    ws = mixture.weights(cfg, len(readers))
+    mixture.check_same_tokens(readers)
+    for reader in readers:
+        check_data_fits(shape, reader, f"--model.name={cfg.model.name}")
+    splits = [r.split("train") for r in readers]
+    if len(readers) == 1:
+        train_blocks = splits[0]
+        sampler = BlockSampler(len(train_blocks), t.micro_batch_size, t.grad_accum, world, t.seed)
+    else:
+        train_blocks = MixedBlocks(splits)
+        sampler = MixtureSampler([len(s) for s in splits], ws, t.micro_batch_size, t.grad_accum, world, t.seed)
+    if sampler.steps_per_epoch == 0:
+        raise UserError(f"{cfg.data.dir}: {len(train_blocks)} train blocks are fewer than one global batch "
+                        f"({t.micro_batch_size} micro x {t.grad_accum} accum x {world} processes); "
+                        f"lower --train.micro_batch_size or --train.grad_accum")
+    return readers, ws, train_blocks, sampler
+
+
 def make_plan(cfg: Config) -> Plan:
     t = cfg.train
     if not cfg.model.name:
         raise UserError("--model.name is required: a hub id, a Hugging Face folder, a run dir, or a preset "
                         "(gpt2-tiny, llama-tiny, ...)")
     parse_names(cfg.log.trackers)  # a tracker that is not installed: one line, before anything starts
-    readers = open_data_verified(cfg)
-    reader = readers[0]
     shape = ModelShape.of(load_config(cfg.model.name, cfg.model.trust_remote_code))
-    check_data_fits(shape, reader, f"--model.name={cfg.model.name}")
-    train_blocks, world = reader.split("train"), dist.world_size()
-    sampler = BlockSampler(len(train_blocks), t.micro_batch_size, t.grad_accum, world, t.seed)
-    if sampler.steps_per_epoch == 0:
-        raise UserError(f"{cfg.data.dir}: {len(train_blocks)} train blocks are fewer than one global batch "
-                        f"({t.micro_batch_size} micro x {t.grad_accum} accum x {world} processes); "
-                        f"lower --train.micro_batch_size or --train.grad_accum")
-    identity = {"model": cfg.model.name, "data_fingerprint": reader.manifest["source"].get("fingerprint"),
-                "global_batch": sampler.global_batch, "block_size": reader.block_size, "seed": t.seed,
+    readers, ws, train_blocks, sampler = open_data(cfg, shape)
+    identity = {"model": cfg.model.name, "data_fingerprint": mixture.fingerprint(readers, ws),
+                "global_batch": sampler.global_batch, "block_size": readers[0].block_size, "seed": t.seed,
                 "lora": dataclasses.asdict(cfg.lora) if cfg.lora.r else None}
     # With no --run.dir the run dir is a fresh timestamped one: nothing to resume there.
     resume_from = find_resume(Path(cfg.run.dir) if cfg.run.dir else None, cfg.run.resume)
@@ -99,9 +136,10 @@ def make_plan(cfg: Config) -> Plan:
     if meta is not None:
         check_compatible(meta, identity, t.strategy, resume_from)
     total = t.max_steps if t.max_steps is not None else t.epochs * sampler.steps_per_epoch
-    eval_blocks = reader.splits[cfg.eval.split].first(cfg.eval.max_blocks) if cfg.eval.split in reader.splits else None
-    return Plan(cfg, shape, train_blocks, eval_blocks, sampler, total, identity,
-                [r.manifest["source"].get("fingerprint") for r in readers], resume_from, meta)
+    evals = [(str(r.folder), r.splits[cfg.eval.split].first(cfg.eval.max_blocks), w) for r, w in zip(readers, ws)
+             if cfg.eval.split in r.splits]
+    return Plan(cfg, shape, train_blocks, evals, ws, sampler, total, identity,
+                [r.manifest["source"].get("fingerprint") for r in readers], resume_from, meta, readers[0].eos_token_id)
 
 
 def build_engine(cfg: Config, plan: Plan):
@@ -109,8 +147,10 @@ def build_engine(cfg: Config, plan: Plan):
     from distclm.engine import Engine
 
     engine = Engine.start(cfg.train, plan.shape.hidden_size, universal=plan.universal)
-    model = build_model(cfg.model.name, cfg.train.seed, cfg.model.trust_remote_code)
-    engine.wrap(apply_lora(model, cfg.lora, cfg.train.seed), plan.total_steps)
+    model = apply_lora(build_model(cfg.model.name, cfg.train.seed, cfg.model.trust_remote_code), cfg.lora,
+                       cfg.train.seed)
+    engine.loss = install(model, cfg.train.fused_loss)
+    engine.wrap(model, plan.total_steps)
     return engine
 
 
@@ -128,7 +168,7 @@ def build_loop(cfg: Config, plan: Plan, engine, run: RunDir) -> Loop:
     loop.watch = SlowRankWatch(hosts) if engine.is_main else None
     trainable, total = parameter_counts(module)
     loop.console.print(f"model {cfg.model.name} ({shape.model_type}): {total:,} parameters, {trainable:,} "
-                       f"trainable; {engine.world} process(es), {cfg.train.strategy}")
+                       f"trainable; {engine.world} process(es), {cfg.train.strategy}; loss: {engine.loss}")
     return loop
 
 
@@ -172,6 +212,7 @@ def train(cfg: Config) -> dict:
     stop = StopSignal()  # installed first: a SIGTERM during set-up is acted on at the first step boundary
     engine = None
     try:
+        cfg = for_world(cfg, dist.world_size())
         plan = make_plan(cfg)
         engine = build_engine(cfg, plan)
         run = claim_run_dir(cfg, engine, plan.data_fingerprints)

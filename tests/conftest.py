@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.support.cli import Result, run_cli
 from tests.support.data import BIG_ARGS, PYDOC_ARGS, pydoc_texts, write_jsonl
@@ -88,6 +89,9 @@ def pydoc_blocks(tmp_path_factory) -> Path:
 
 # 6 steps, global batch 8 blocks of 64 tokens; lr high enough that the weights move visibly.
 EQUIV = ("--train.max_steps=6", "--train.lr=1e-3", "--train.warmup_steps=2", "--train.seed=3")
+# The world-size parity runs: a GPT-2 with dropout 0.1 (as DistilGPT2) and attention within documents, so
+# that 1 vs 2 processes and every ZeRO stage are compared with both on.
+PARITY = (*EQUIV, "--model.name={dropout_gpt2}", "--train.doc_attention=within")
 # 20 steps, checkpoint at 10 and 20, block ids logged: the reference of every resume test.
 CKPT = ("--train.max_steps=20", "--train.lr=1e-3", "--train.warmup_steps=5", "--train.seed=3",
         "--train.save_every=10", "--log.block_ids=true")
@@ -95,10 +99,10 @@ TWO, ONE = ("--train.micro_batch_size=4",), ("--train.micro_batch_size=8",)  # g
 
 SHARED = {
     "equiv-1proc": (1, (*EQUIV, *ONE)),
-    "equiv-1proc-accum2": (1, (*EQUIV, "--train.micro_batch_size=4", "--train.grad_accum=2")),
-    "equiv-ddp-2proc": (2, (*EQUIV, *TWO)),
-    **{f"equiv-{s}-2proc": (2, (*EQUIV, *TWO, f"--train.strategy={s}")) for s in ("zero1", "zero2", "zero3")},
-    **{f"equiv-{s}-offload-2proc": (2, (*EQUIV, *TWO, f"--train.strategy={s}", "--train.offload=optimizer"))
+    "equiv-1proc-accum2": (1, (*PARITY, "--train.micro_batch_size=4", "--train.grad_accum=2")),
+    "equiv-ddp-2proc": (2, (*PARITY, *TWO)),
+    **{f"equiv-{s}-2proc": (2, (*PARITY, *TWO, f"--train.strategy={s}")) for s in ("zero1", "zero2", "zero3")},
+    **{f"equiv-{s}-offload-2proc": (2, (*PARITY, *TWO, f"--train.strategy={s}", "--train.offload=optimizer"))
        for s in ("zero2", "zero3")},
     "equiv-1proc-act-ckpt": (1, (*EQUIV, *ONE, "--train.activation_checkpointing=true")),
     "equiv-1proc-compile": (1, (*EQUIV, *ONE, "--train.compile=true")),
@@ -111,5 +115,19 @@ SHARED = {
 
 
 @pytest.fixture(scope="session")
-def shared(tmp_path_factory, pydoc_blocks) -> SharedRuns:
-    return SharedRuns(tmp_path_factory.mktemp("shared-runs"), pydoc_blocks, SHARED)
+def dropout_gpt2(tmp_path_factory) -> Path:
+    """gpt2-tiny's shape with GPT-2's default dropout 0.1 (as DistilGPT2 has), saved as a Hugging Face folder."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from distclm.data.tokenize import load_hf_tokenizer
+
+    out = tmp_path_factory.mktemp("dropout-gpt2")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=128, n_head=4)).save_pretrained(out)
+    load_hf_tokenizer("gpt2")[0].save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def shared(tmp_path_factory, pydoc_blocks, dropout_gpt2) -> SharedRuns:
+    return SharedRuns(tmp_path_factory.mktemp("shared-runs"), pydoc_blocks, SHARED, dropout_gpt2=dropout_gpt2)

@@ -1,4 +1,9 @@
-"""Per-step losses of distclm against a plain PyTorch loop, across world sizes and ZeRO stages (fp32, CPU, gloo)."""
+"""Per-step losses of distclm against a plain PyTorch loop, across world sizes and ZeRO stages (fp32, CPU, gloo).
+
+The world-size and ZeRO-stage comparisons run a GPT-2 with dropout 0.1 and attention within documents
+(tests/conftest.py PARITY): dropout's random stream follows the data's place in the global batch, not the
+rank, so 1 process with accumulation and 2 processes draw the same masks.
+"""
 
 from __future__ import annotations
 
@@ -62,9 +67,16 @@ def test_one_process_matches_plain_pytorch_loop(shared, pydoc_blocks):
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5)
 
 
-def test_two_process_ddp_matches_one_process_with_accumulation(shared):
+def test_two_process_ddp_matches_one_process_with_accumulation(shared, dropout_gpt2):
+    import json
+
+    import yaml
+
+    assert json.loads((dropout_gpt2 / "config.json").read_text())["resid_pdrop"] == 0.1  # dropout really on
+    run = shared.get("equiv-ddp-2proc")
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["doc_attention"] == "within"
     one = losses(shared.get("equiv-1proc-accum2"))
-    two = losses(shared.get("equiv-ddp-2proc"))
+    two = losses(run)
     np.testing.assert_allclose(two, one, rtol=0, atol=1e-5)
 
 

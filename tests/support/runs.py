@@ -27,6 +27,19 @@ def block_ids(run_dir: Path, rank: int) -> dict[int, list[int]]:
     return out
 
 
+def global_order(run_dir: Path, micro: int) -> dict[int, list[int]]:
+    """step -> the global batch's block ids in order, rebuilt from every rank's block_ids file whatever the world
+    size of the launch that ran the step: micro-batch j of accumulation round k on rank r is j = k x world + r."""
+    per_rank = {int(p.stem.rsplit("rank", 1)[1]): block_ids(run_dir, int(p.stem.rsplit("rank", 1)[1]))
+                for p in Path(run_dir).glob("block_ids-rank*.txt")}
+    out = {}
+    for step in sorted({s for ids in per_rank.values() for s in ids}):
+        ranks = [per_rank[r][step] for r in sorted(per_rank) if step in per_rank[r]]
+        accum = len(ranks[0]) // micro
+        out[step] = [i for k in range(accum) for ids in ranks for i in ids[k * micro:(k + 1) * micro]]
+    return out
+
+
 def weights(folder: Path) -> dict:
     """All tensors of a Hugging Face folder's safetensors files (torch tensors)."""
     from safetensors.torch import load_file
@@ -50,12 +63,14 @@ class SharedRuns:
     Two tests share a run only by naming the same entry, never by happening to pass the same arguments.
     """
 
-    def __init__(self, root: Path, data: Path, table: dict[str, tuple[int, tuple[str, ...]]]):
-        self.root, self.data, self.table, self.done = root, data, table, {}
+    def __init__(self, root: Path, data: Path, table: dict[str, tuple[int, tuple[str, ...]]], **places):
+        self.root, self.data, self.table, self.places, self.done = root, data, table, places, {}
 
     def get(self, name: str) -> Path:
+        """The run dir of run `name` (its arguments may name {places} given at construction, e.g. a model folder)."""
         if name not in self.done:
             nproc, args = self.table[name]
-            train(nproc, self.root / name, self.data, *args)
+            places = {k: v() if callable(v) else v for k, v in self.places.items()}
+            train(nproc, self.root / name, self.data, *(a.format(**places) for a in args))
             self.done[name] = self.root / name
         return self.done[name]

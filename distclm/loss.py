@@ -1,0 +1,190 @@
+"""The next-token loss of a batch of blocks, for training (mean) and eval (sum in float64).
+
+Every block of T tokens predicts T - 1 of them: token t+1 from tokens 0..t.
+
+Document-aware attention (--train.doc_attention=within): blocks pack several documents separated by EOS.
+Position ids restart at 0 after each EOS; transformers then sees a packed batch (positions that do not
+increase by 1 start a new sequence, masking_utils.find_packed_sequence_indices) and builds a block-diagonal
+causal mask, so a token attends only to its own document, at the positions it would have alone. The EOS
+closes the document before it; the token after it is predicted from that document alone.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def document_positions(x: torch.Tensor, eos: int) -> torch.Tensor:
+    """(B, T) token ids -> (B, T) positions within each document of each block, restarting after every EOS."""
+    idx = torch.arange(x.size(1), device=x.device).expand_as(x)  # (B, T)
+    starts = torch.zeros_like(x, dtype=torch.bool)
+    starts[:, 1:] = x[:, :-1] == eos  # a document starts right after an EOS
+    first = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values  # its first index
+    return idx - first
+
+
+def inputs(x: torch.Tensor, eos: int | None) -> dict:
+    """The model's keyword arguments for a (B, T) batch: `eos` set = document-aware attention."""
+    kwargs = {"input_ids": x, "use_cache": False}
+    if eos is not None:
+        kwargs["position_ids"] = document_positions(x, eos)
+    return kwargs
+
+
+def mean_loss(model, x: torch.Tensor, eos: int | None = None) -> torch.Tensor:
+    """Mean next-token loss over the B x (T-1) predicted tokens of (B, T); the model shifts the labels inside."""
+    return model(**inputs(x, eos), labels=x).loss
+
+
+def nll_sum(model, x: torch.Tensor, eos: int | None = None) -> torch.Tensor:
+    """Summed next-token NLL of (B, T) in float64: the sum over B x (T-1) predicted tokens."""
+    if is_fused(model):
+        return model(**inputs(x, eos), labels=x).nll_sum
+    logits = model(**inputs(x, eos)).logits[:, :-1, :].float()  # (B, T-1, V)
+    # Per-token NLL in float32 (as the model computes it), summed in float64: the sum does not drift with
+    # the number of tokens in a batch, so batch size leaves the result unchanged.
+    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), reduction="none")
+    return nll.double().sum()
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused linear + cross-entropy: the (tokens x vocab) logits are never materialised
+
+
+CHUNK_ELEMENTS = 1 << 24  # logits per chunk (64 MiB in fp32): 333 tokens of a 50,257-token vocabulary
+UNSUPPORTED = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def chunk_tokens(vocab: int) -> int:
+    return max(64, min(4096, CHUNK_ELEMENTS // vocab))
+
+
+def _chunk_nll(h, y, weight, bias) -> tuple[torch.Tensor, torch.Tensor]:
+    """A chunk's float32 logits (c, V) and per-token NLL (c,)."""
+    logits = F.linear(h, weight, bias).float()
+    lse = torch.logsumexp(logits, dim=-1)
+    return logits, lse, lse - logits.gather(1, y[:, None]).squeeze(1)
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """mean_i CE(h_i W^T + b, y_i) over N tokens, computed a chunk of tokens at a time.
+
+    Forward computes, per chunk, the logits, their log-sum-exp, the loss and the gradients with respect to
+    the hidden states and the output weight (and bias), then drops the chunk's logits: peak memory is one
+    chunk's logits instead of N x V three times over (logits, softmax, their gradient). The matmuls are the
+    model's own (2NVH forward, 4NVH backward), so FLOPs per token and MFU are unchanged.
+
+        d loss / d logits_i = (softmax(logits_i) - onehot(y_i)) / N
+        d h_i = (d logits_i) W          d W = sum_i (d logits_i)^T h_i          d b = sum_i d logits_i
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets):
+        n, chunk = hidden.size(0), chunk_tokens(weight.size(0))
+        need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+        gh = torch.empty_like(hidden) if need[0] else None
+        gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None
+        gb = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need[2] else None
+        total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        for s in range(0, n, chunk):
+            h, y = hidden[s:s + chunk], targets[s:s + chunk]
+            logits, lse, nll = _chunk_nll(h, y, weight, bias)
+            total += nll.double().sum()
+            g = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
+            g[torch.arange(g.size(0), device=g.device), y] -= 1.0
+            g.div_(n)
+            if gh is not None:
+                gh[s:s + chunk] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+            if gw is not None:
+                gw.addmm_(g.t(), h.float())
+            if gb is not None:
+                gb += g.sum(0)
+        ctx.grads = (gh, None if gw is None else gw.to(weight.dtype), None if gb is None else gb.to(bias.dtype))
+        return (total / n).float()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        gh, gw, gb = (None if g is None else g * grad_loss.to(g.dtype) for g in ctx.grads)
+        return gh, gw, gb, None
+
+
+@torch.no_grad()
+def chunked_nll_sum(hidden: torch.Tensor, weight, bias, targets: torch.Tensor) -> torch.Tensor:
+    """Eval: the float64 sum of per-token (float32) NLL, a chunk of logits at a time."""
+    chunk, total = chunk_tokens(weight.size(0)), torch.zeros((), dtype=torch.float64, device=hidden.device)
+    for s in range(0, hidden.size(0), chunk):
+        total += _chunk_nll(hidden[s:s + chunk], targets[s:s + chunk], weight, bias)[2].double().sum()
+    return total
+
+
+class FusedOutput(dict):
+    """The fused forward's output: `loss` (mean, differentiable in training) and `nll_sum` (float64, eval)."""
+
+    __getattr__ = dict.__getitem__
+
+
+def unsupported(hf) -> str | None:
+    """Why the fused path cannot stand in for this model's own loss (None: it can)."""
+    head = hf.get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        return "no output embedding layer"
+    scaled = [k for k in UNSUPPORTED if getattr(hf.config.get_text_config(), k, None) not in (None, 1, 1.0)]
+    return f"its logits are rescaled ({', '.join(scaled)})" if scaled else None
+
+
+def install(model, enabled: bool) -> str:
+    """Route the loss of `model` (a causal LM, or a peft model around one) through the fused path: its forward,
+    given `labels`, runs the decoder and the chunked output layer instead of materialising the logits. Without
+    labels (generation) it is the model's own. -> which loss is used, in words, for the console."""
+    from distclm.lora import base_model
+
+    hf = base_model(model)
+    if not enabled:
+        return "the model's own (logits materialised; --train.fused_loss=false)"
+    why = unsupported(hf)
+    if why:
+        return f"the model's own: {why}"
+    own, liger = hf.forward, _liger()
+
+    def forward(input_ids=None, labels=None, position_ids=None, use_cache=None, **kwargs):
+        if labels is None:
+            return own(input_ids=input_ids, position_ids=position_ids, use_cache=use_cache, **kwargs)
+        hidden = hf.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                               **kwargs).last_hidden_state
+        h = hidden[:, :-1].reshape(-1, hidden.size(-1))  # (B x (T-1), H): every position predicts the next
+        y = labels[:, 1:].reshape(-1)
+        head = hf.get_output_embeddings()
+        if not torch.is_grad_enabled():
+            total = chunked_nll_sum(h, head.weight, head.bias, y)
+            return FusedOutput(loss=(total / y.numel()).float(), nll_sum=total)
+        if liger is not None and h.is_cuda:
+            return FusedOutput(loss=liger(head.weight, h, y, head.bias), nll_sum=None)
+        return FusedOutput(loss=ChunkedLinearCrossEntropy.apply(h, head.weight, head.bias, y), nll_sum=None)
+
+    hf.forward, hf.distclm_fused_loss = forward, True
+    if liger is not None and torch.cuda.is_available():
+        return "fused linear + cross-entropy: liger-kernel's (Triton, CUDA)"
+    vocab = hf.config.get_text_config().vocab_size
+    return f"fused linear + cross-entropy, {chunk_tokens(vocab)}-token chunks (logits never materialised)"
+
+
+def _liger():
+    """liger-kernel's fused linear cross-entropy when it is installed and a GPU is there, else None."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        return None
+    return LigerFusedLinearCrossEntropyLoss()
+
+
+def is_fused(model) -> bool:
+    """Whether the model under any wrapper (DDP, DeepSpeed, torch.compile, peft) has the fused loss installed."""
+    from distclm.lora import base_model
+
+    for attr in ("module", "_orig_mod"):
+        while hasattr(model, attr) and isinstance(getattr(model, attr), torch.nn.Module):
+            model = getattr(model, attr)
+    return bool(getattr(base_model(model), "distclm_fused_loss", False))
