@@ -1,0 +1,77 @@
+"""The fused linear + cross-entropy equals the model's own loss, its gradients, and the eval sums, on every preset
+(tied and untied output embeddings), with LoRA's frozen output layer, and with attention within documents."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from distclm.loss import ChunkedLinearCrossEntropy, chunk_tokens, install, is_fused, mean_loss, nll_sum
+from distclm.model import build_model
+
+PRESETS = ["gpt2-tiny", "llama-tiny", "qwen2-tiny", "neox-tiny"]
+
+
+def batch(seed: int = 0, b: int = 3, t: int = 40) -> torch.Tensor:
+    x = torch.randint(0, 50256, (b, t), generator=torch.Generator().manual_seed(seed))
+    x[:, 17] = 50256  # an EOS mid-block: a second document
+    return x
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("eos", [None, 50256], ids=["cross", "within"])
+def test_loss_and_gradients_equal_the_models_own(preset, eos):
+    own = build_model(preset, 0)
+    fused = copy.deepcopy(own)
+    assert "fused" in install(fused, True) and is_fused(fused) and not is_fused(own)
+    x = batch()
+    a, b = mean_loss(own, x, eos), mean_loss(fused, x, eos)
+    a.backward()
+    b.backward()
+    assert abs(a.item() - b.item()) < 1e-5
+    head_own, head_fused = own.get_output_embeddings().weight, fused.get_output_embeddings().weight
+    assert (head_own.grad - head_fused.grad).abs().max() < 1e-5  # the output weight (tied or not)
+    grads = [(p.grad, q.grad) for p, q in zip(own.parameters(), fused.parameters()) if p.grad is not None]
+    assert len(grads) == len(list(own.parameters()))
+    assert max(float((p - q).abs().max()) for p, q in grads) < 1e-5  # every weight, through the hidden states
+
+
+def test_hidden_state_gradient_of_the_fused_function_itself():
+    v = 80_000  # a vocabulary large enough for several chunks of 700 tokens
+    h = torch.randn(700, 32, requires_grad=True)
+    w = (0.1 * torch.randn(v, 32)).requires_grad_(True)
+    y = torch.randint(0, v, (700,))
+    assert chunk_tokens(v) * 2 < 700
+    ChunkedLinearCrossEntropy.apply(h, w, None, y).backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    torch.nn.functional.cross_entropy(h @ w.t(), y).backward()
+    assert (gh - h.grad).abs().max() < 1e-8 and (gw - w.grad).abs().max() < 1e-8
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
+def test_eval_sums_are_unchanged(preset):
+    own = build_model(preset, 0).eval()
+    fused = copy.deepcopy(own)
+    install(fused, True)
+    with torch.no_grad():
+        a, b = nll_sum(own, batch(1, 4, 64)), nll_sum(fused, batch(1, 4, 64))
+    assert a.dtype == b.dtype == torch.float64 and abs(a.item() / b.item() - 1) < 1e-6
+
+
+def test_lora_keeps_the_output_layer_frozen():
+    from distclm.config import LoraConfig
+    from distclm.lora import apply_lora
+
+    model = apply_lora(build_model("llama-tiny", 0), LoraConfig(r=4), 0)
+    install(model, True)
+    mean_loss(model, batch()).backward()
+    assert model.get_base_model().lm_head.weight.grad is None
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_off_means_the_models_own_loss():
+    model = build_model("gpt2-tiny", 0)
+    assert "model's own" in install(model, False) and not is_fused(model)
