@@ -1,20 +1,22 @@
-"""Side-by-side training speed: distclm vs transformers.Trainer (the tutorial's arguments) vs a bare loop.
+"""Side-by-side training speed and memory: distclm (fused loss, and without it) vs transformers.Trainer (the
+tutorial's arguments) vs a bare PyTorch loop; the cost of distclm's own features; the largest micro-batch
+that fits a memory cap.
 
-    python bench/train.py [--steps N] [--repeats R] [--model gpt2-tiny]
+    python bench/train.py [--models gpt2-tiny,gpt2-6x256] [--micro 8,32] [--steps N] [--repeats R]
+    python bench/train.py --ablations        # per-step cost of rank timing, dropout seeding, doc attention
+    python bench/train.py --headroom 1500    # the largest micro-batch under a 1500 MB RSS cap, fused or not
 
-Same model (random init from the same config), same prepared blocks (the embedded pydoc corpus,
-block 128), same batch (8 x 128), fp32 on CPU, one process each, run one after another and
-alternated over --repeats rounds. Each contestant runs in a fresh child process that records the
-wall-clock time at the end of every optimizer step:
+Same model (random init from the same config), same prepared blocks (the embedded pydoc corpus, block 128),
+fp32 on CPU, one process each, contestants alternated over --repeats rounds, each in a fresh child process
+that records the wall-clock time at the end of every optimizer step:
 
-  distclm   `distclm train` (DDP strategy on one process, fused AdamW, the real CLI and loop)
-  trainer   `transformers.Trainer`, the tutorial's TrainingArguments (lr 2e-5, weight decay 0.01,
-            batch 8), evaluation and saving off for the timed steps
-  bare      a plain PyTorch loop with `torch.optim.AdamW(fused=True)`: the floor of framework overhead
+  distclm          `distclm train` (one process, fused AdamW, the fused linear + cross-entropy: the default)
+  distclm-unfused  the same with --train.fused_loss=false (the model's own loss: logits materialised)
+  trainer          `transformers.Trainer`, the tutorial's TrainingArguments, evaluation and saving off
+  bare             a plain PyTorch loop, `model(labels=x).loss`, `torch.optim.AdamW(fused=True)`
 
-steps/s = (N - W) / (t_N - t_W) over the steps after W warm-up steps; startup = process start to the
-end of the first step. Medians over rounds; ratios against Trainer and the bare loop. The table is
-printed and written to bench/out/train.md.
+steps/s = (N - W) / (t_N - t_W) after W warm-up steps; peak RSS of the whole child process (sampled every
+0.05 s). Medians over rounds. Tables are printed and written to bench/out/train.md.
 """
 
 from __future__ import annotations
@@ -25,23 +27,54 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+
+import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "bench" / "out"
 WARMUP = 3
+FOLDERS = {"gpt2-6x256": dict(n_layer=6, n_embd=256, n_head=4, n_positions=1024, resid_pdrop=0.0, embd_pdrop=0.0,
+                              attn_pdrop=0.0)}
+# distclm with one of its per-step features switched off from the outside (the bench patches, not a flag)
+ABLATE = {
+    "no-rank-times": "import distclm.loop as l; l.rank_times = lambda loop: {}",
+    "no-dropout-seeding": "import distclm.loop as l; l.micro_seed = lambda *a: 0; import torch; "
+                          "torch.manual_seed = lambda s: None",
+}
 
 
-def child_trainer(data: str, steps: int, model_name: str, times_out: str) -> None:
+def child_env() -> dict:
+    env = dict(os.environ)
+    env.pop("OMP_NUM_THREADS", None)  # each contestant uses the machine's default threads
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    return env
+
+
+def model_arg(name: str, work: Path) -> str:
+    """A preset name, or a folder built from config (random init) for the others."""
+    if name not in FOLDERS:
+        return name
+    folder = work / name
+    if not (folder / "config.json").exists():
+        code = ("import sys, torch; from transformers import GPT2Config, GPT2LMHeadModel; torch.manual_seed(0); "
+                f"GPT2LMHeadModel(GPT2Config(**{FOLDERS[name]!r})).save_pretrained(sys.argv[1]); "
+                "from distclm.data.tokenize import load_hf_tokenizer; "
+                "load_hf_tokenizer('gpt2')[0].save_pretrained(sys.argv[1])")
+        subprocess.run([sys.executable, "-c", code, str(folder)], check=True, env=child_env(), capture_output=True)
+    return str(folder)
+
+
+def child_trainer(data: str, steps: int, model: str, micro: int, out: str) -> None:
     import torch
     from hf_blocks import trainer_dataset
     from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
     from distclm.data.blocks import BlockReader
     from distclm.model import build_model
-
-    dataset = trainer_dataset(BlockReader(data).split("train"))
 
     times = []
 
@@ -50,17 +83,16 @@ def child_trainer(data: str, steps: int, model_name: str, times_out: str) -> Non
             times.append(time.time())
 
     torch.manual_seed(0)
-    model = build_model(model_name, seed=0)
-    args = TrainingArguments(output_dir=str(Path(times_out).parent / "trainer-out"), learning_rate=2e-5,
-                             weight_decay=0.01, per_device_train_batch_size=8, max_steps=steps,
+    args = TrainingArguments(output_dir=str(Path(out).parent / "trainer-out"), learning_rate=2e-5,
+                             weight_decay=0.01, per_device_train_batch_size=micro, max_steps=steps,
                              eval_strategy="no", save_strategy="no", report_to=[], logging_steps=10**9,
                              dataloader_num_workers=0, use_cpu=True, seed=0, disable_tqdm=True)
-    Trainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator,
-            callbacks=[Clock()]).train()
-    Path(times_out).write_text(json.dumps(times))
+    Trainer(model=build_model(model, seed=0), args=args, train_dataset=trainer_dataset(BlockReader(data).split("train")),
+            data_collator=default_data_collator, callbacks=[Clock()]).train()
+    Path(out).write_text(json.dumps(times))
 
 
-def child_bare(data: str, steps: int, model_name: str, times_out: str) -> None:
+def child_bare(data: str, steps: int, model: str, micro: int, out: str) -> None:
     import numpy as np
     import torch
 
@@ -68,104 +100,167 @@ def child_bare(data: str, steps: int, model_name: str, times_out: str) -> None:
     from distclm.model import build_model
 
     blocks = BlockReader(data).split("train")
-    torch.manual_seed(0)
-    model = build_model(model_name, seed=0)
+    model = build_model(model, seed=0)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01, fused=True)
     perm = np.random.default_rng(0).permutation(len(blocks))
     times = []
     for step in range(steps):
-        x = torch.from_numpy(blocks.batch(perm[step * 8:(step + 1) * 8]).astype(np.int64))
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
+        x = torch.from_numpy(blocks.batch(perm[step * micro:(step + 1) * micro]).astype(np.int64))
+        model(input_ids=x, labels=x).loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss.item()
         times.append(time.time())
-    Path(times_out).write_text(json.dumps(times))
+    Path(out).write_text(json.dumps(times))
 
 
-def run_distclm(data: Path, steps: int, model_name: str, work: Path) -> list[float]:
-    """`distclm train` as a user runs it; step end times from metrics.jsonl ("time": unix time at the step's end)."""
-    run_dir = work / "distclm-run"
-    cmd = [sys.executable, "-m", "distclm.cli", "train", f"--data.dir={data}", f"--model.name={model_name}",
-           f"--run.dir={run_dir}", "--run.resume=none", "--run.overwrite=true", f"--train.max_steps={steps}",
-           "--train.lr=2e-5", "--train.micro_batch_size=8", "--log.every_steps=1", "--log.interval_s=1000",
-           "--eval.split=none-for-bench"]
-    subprocess.run(["rm", "-rf", str(run_dir)], check=True)
-    t_start = time.time()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=child_env())
-    if proc.returncode != 0:
-        raise SystemExit(f"distclm train failed:\n{proc.stderr[-3000:]}")
-    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    recs = [r for r in recs if r["type"] == "train"]
-    return [t_start] + [r["time"] for r in recs]
+def watch(proc: subprocess.Popen, cap_bytes: int | None, peak: list) -> None:
+    """Peak RSS of `proc` (and its children), every 0.05 s; kill it past `cap_bytes`."""
+    try:
+        p = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            rss = sum(q.memory_info().rss for q in [p, *p.children(recursive=True)])
+            peak[0] = max(peak[0], rss)
+            if cap_bytes and rss > cap_bytes:
+                proc.kill()
+                peak.append("killed")
+            time.sleep(0.05)
+    except psutil.Error:
+        pass
 
 
-def run_child(kind: str, data: Path, steps: int, model_name: str, work: Path) -> list[float]:
+def run(cmd: list[str], work: Path, cap_bytes: int | None = None) -> tuple[float, int, bool]:
+    """Start `cmd`, time it, sample its memory -> (start time, peak RSS, finished within the cap)."""
+    t0, peak = time.time(), [0]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    watcher = threading.Thread(target=watch, args=(proc, cap_bytes, peak), daemon=True)
+    watcher.start()
+    err = proc.communicate()[1]
+    watcher.join()
+    if proc.returncode != 0 and "killed" not in peak:
+        raise SystemExit(f"{cmd[:6]} failed:\n{err[-3000:]}")
+    return t0, peak[0], proc.returncode == 0
+
+
+def contestant(kind: str, data: Path, model: str, micro: int, steps: int, work: Path, cap=None, extra=()):
+    """-> (times: [start, end of step 1, ...], peak RSS, finished)."""
+    if kind.startswith("distclm"):
+        run_dir = work / "distclm-run"
+        subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+        flags = ["train", f"--data.dir={data}", f"--model.name={model}", f"--run.dir={run_dir}",
+                 f"--train.max_steps={steps}", "--train.lr=2e-5", f"--train.micro_batch_size={micro}",
+                 "--log.every_steps=1", "--log.interval_s=1000", "--eval.split=none-for-bench", "--run.resume=none",
+                 *(["--train.fused_loss=false"] if kind == "distclm-unfused" else []), *extra]
+        patch = ABLATE.get(kind.removeprefix("distclm-"), "")
+        code = f"{patch}\nimport sys; from distclm.cli import main; sys.exit(main(sys.argv[1:]))"
+        t0, peak, ok = run([sys.executable, "-c", code, *flags], work, cap)
+        if not ok:
+            return None, peak, False
+        recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [t0] + [r["time"] for r in recs if r["type"] == "train"], peak, True
     out = work / f"{kind}-times.json"
-    t_start = time.time()
-    proc = subprocess.run([sys.executable, __file__, f"--child={kind}", f"--data={data}", f"--steps={steps}",
-                           f"--model={model_name}", f"--times-out={out}"], cwd=REPO, capture_output=True,
-                          text=True, env=child_env())
-    if proc.returncode != 0:
-        raise SystemExit(f"{kind} failed:\n{proc.stderr[-3000:]}")
-    return [t_start] + json.loads(out.read_text())
+    t0, peak, ok = run([sys.executable, __file__, f"--child={kind}", f"--data={data}", f"--steps={steps}",
+                        f"--model={model}", f"--micro={micro}", f"--times-out={out}"], work, cap)
+    return ([t0] + json.loads(out.read_text()) if ok else None), peak, ok
 
 
-def child_env() -> dict:
-    env = dict(os.environ)
-    env.pop("OMP_NUM_THREADS", None)  # each contestant uses the machine's default threads
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["TOKENIZERS_PARALLELISM"] = "false"
-    return env
-
-
-def rates(times: list[float], steps: int) -> tuple[float, float]:
-    """(steps/s after warm-up, startup seconds) from [process start, end of step 1, ..., end of step N]."""
-    t0, ends = times[0], times[1:]
+def rate(times: list[float], steps: int) -> float:
+    ends = times[1:]
     assert len(ends) == steps, (len(ends), steps)
-    return (steps - WARMUP) / (ends[-1] - ends[WARMUP - 1]), ends[0] - t0
+    return (steps - WARMUP) / (ends[-1] - ends[WARMUP - 1])
+
+
+def compare(kinds, configs, data, steps, repeats, work, extra=lambda kind: ()) -> dict:
+    """{(model, micro): {kind: (median steps/s, median peak RSS)}}, kinds alternated round by round."""
+    out = {}
+    for model, micro in configs:
+        got = {k: [] for k in kinds}
+        for r in range(repeats):
+            for kind in (kinds if r % 2 == 0 else list(reversed(kinds))):
+                times, peak, _ = contestant(kind, data, model_arg(model, work), micro, steps, work,
+                                            extra=extra(kind))
+                got[kind].append((rate(times, steps), peak))
+                print(f"{model} micro {micro} round {r + 1} {kind:22s} {got[kind][-1][0]:.3f} steps/s "
+                      f"{peak / 2**20:.0f} MB", file=sys.stderr, flush=True)
+        out[(model, micro)] = {k: (statistics.median(v[0] for v in vs), statistics.median(v[1] for v in vs))
+                               for k, vs in got.items()}
+    return out
+
+
+def speed_table(res: dict) -> str:
+    lines = ["| model | micro-batch | contestant | steps/s | vs Trainer | vs bare loop | peak RSS | RSS vs Trainer |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (model, micro), row in res.items():
+        tr, bare = row["trainer"], row["bare"]
+        for kind, (sps, rss) in row.items():
+            lines.append(f"| {model} | {micro} | {kind} | {sps:.3f} | {sps / tr[0]:.2f}x | {sps / bare[0]:.2f}x | "
+                         f"{rss / 2**20:.0f} MB | {rss / tr[1]:.2f}x |")
+    return "\n".join(lines)
+
+
+def headroom(cap_mb: int, data: Path, work: Path, model: str) -> str:
+    """The largest micro-batch (8, 16, 32, ...) whose 4-step run stays under `cap_mb` of RSS, fused or not."""
+    lines = [f"| loss | largest micro-batch under {cap_mb} MB RSS ({model}, block 128) |", "|---|---|"]
+    for kind in ("distclm", "distclm-unfused"):
+        best, micro = None, 8
+        while micro <= 1024:
+            _, peak, ok = contestant(kind, data, model_arg(model, work), micro, 4, work, cap=cap_mb * 2**20)
+            print(f"headroom {kind} micro {micro}: {'ok' if ok else 'over the cap'} ({peak / 2**20:.0f} MB)",
+                  file=sys.stderr, flush=True)
+            if not ok:
+                break
+            best, micro = micro, micro * 2
+        lines.append(f"| {'fused (default)' if kind == 'distclm' else 'the model own (--train.fused_loss=false)'} | "
+                     f"{best} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=40)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="gpt2-tiny,gpt2-6x256")
+    ap.add_argument("--micro", default="8,32")
+    ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--model", default="gpt2-tiny")
+    ap.add_argument("--ablations", action="store_true")
+    ap.add_argument("--headroom", type=int, metavar="CAP_MB")
     ap.add_argument("--child", choices=["trainer", "bare"])
     ap.add_argument("--data")
+    ap.add_argument("--model")
     ap.add_argument("--times-out")
     args = ap.parse_args()
     if args.child:
         sys.path.insert(0, str(REPO))
-        {"trainer": child_trainer, "bare": child_bare}[args.child](args.data, args.steps, args.model, args.times_out)
+        {"trainer": child_trainer, "bare": child_bare}[args.child](args.data, args.steps, args.model, args.micro,
+                                                                   args.times_out)
         return
     work = OUT / "train-work"
     work.mkdir(parents=True, exist_ok=True)
     data = work / "pydoc128"
     subprocess.run([sys.executable, "-m", "distclm.cli", "prepare", "--data.source=pydoc", f"--data.dir={data}"],
                    cwd=REPO, check=True, capture_output=True, env=child_env())
-    results: dict[str, list[tuple[float, float]]] = {"distclm": [], "trainer": [], "bare": []}
-    for r in range(args.repeats):
-        for kind in ("trainer", "bare", "distclm") if r % 2 == 0 else ("distclm", "bare", "trainer"):
-            times = run_distclm(data, args.steps, args.model, work) if kind == "distclm" else \
-                run_child(kind, data, args.steps, args.model, work)
-            results[kind].append(rates(times, args.steps))
-            print(f"round {r + 1} {kind:8s} {results[kind][-1][0]:.3f} steps/s, startup {results[kind][-1][1]:.1f}s",
-                  flush=True)
-    med = {k: (statistics.median(v[0] for v in rs), statistics.median(v[1] for v in rs)) for k, rs in results.items()}
-    lines = [f"Training speed, {args.model}, batch 8 x 128, fp32, 1 CPU process, {args.steps} steps "
-             f"(first {WARMUP} excluded), median of {args.repeats} alternating rounds, {os.cpu_count()} cores.", "",
-             "| contestant | steps/s | startup to first step (s) | steps/s vs Trainer | steps/s vs bare loop |",
-             "|---|---|---|---|---|"]
-    for k in ("distclm", "trainer", "bare"):
-        lines.append(f"| {k} | {med[k][0]:.3f} | {med[k][1]:.1f} | {med[k][0] / med['trainer'][0]:.2f}x | "
-                     f"{med[k][0] / med['bare'][0]:.2f}x |")
-    table = "\n".join(lines)
-    print("\n" + table)
-    (OUT / "train.md").write_text(table + "\n")
+    head = (f"fp32, 1 CPU process ({os.cpu_count()} cores), block 128, {args.steps} steps (first {WARMUP} excluded), "
+            f"median of {args.repeats} alternating rounds.\n\n")
+    if args.headroom:
+        text = head + headroom(args.headroom, data, work, args.models.split(",")[0])
+    elif args.ablations:
+        kinds = ["distclm", "distclm-no-rank-times", "distclm-no-dropout-seeding", "distclm-within"]
+        res = compare(kinds, [(m, int(x)) for m in args.models.split(",") for x in args.micro.split(",")], data,
+                      args.steps, args.repeats, work,
+                      extra=lambda k: ["--train.doc_attention=within"] if k == "distclm-within" else [])
+        lines = ["| model | micro-batch | variant | steps/s | vs distclm |", "|---|---|---|---|---|"]
+        for (model, micro), row in res.items():
+            lines += [f"| {model} | {micro} | {k} | {v[0]:.3f} | {v[0] / row['distclm'][0]:.3f}x |"
+                      for k, v in row.items()]
+        text = head + "\n".join(lines)
+    else:
+        configs = [(m, int(x)) for m in args.models.split(",") for x in args.micro.split(",")]
+        text = head + speed_table(compare(["distclm", "distclm-unfused", "trainer", "bare"], configs, data,
+                                          args.steps, args.repeats, work))
+    print(text)
+    name = "train-headroom.md" if args.headroom else "train-ablations.md" if args.ablations else "train.md"
+    (OUT / name).write_text(text + "\n")
 
 
 if __name__ == "__main__":

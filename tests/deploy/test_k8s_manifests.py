@@ -102,6 +102,10 @@ def test_a_misspelt_field_is_caught():
         validate_model("V1Job", bad)
 
 
+def container_args(replica: dict) -> list[str]:
+    return replica["template"]["spec"]["containers"][0]["args"]
+
+
 def test_pytorchjob_follows_kubeflow_v1():
     [(_, job)] = by_kind("PyTorchJob")
     assert job["apiVersion"] == "kubeflow.org/v1"
@@ -135,6 +139,15 @@ def test_pytorchjob_follows_kubeflow_v1():
     assert elastic["rdzvHost"] == f"{job['metadata']['name']}-master-0"  # the operator's service of the master pod
     assert env["RDZV_ID"] == elastic["rdzvId"] and env["MAX_RESTARTS"] == str(elastic["maxRestarts"])
     assert env["NPROC_PER_NODE"] == spec["nprocPerNode"]
+    # Elastic: any pod count in [min, max] divides the global batch, so a job that comes back with another count
+    # resumes instead of being refused (--train.global_batch_size, checked by distclm's own parser).
+    from distclm.cli import parse
+
+    cfg = parse(container_args(replicas["Master"])).cfg
+    assert cfg.train.global_batch_size is not None
+    for pods in range(elastic["minReplicas"], elastic["maxReplicas"] + 1):
+        world = pods * int(spec["nprocPerNode"])
+        assert cfg.train.global_batch_size % (cfg.train.micro_batch_size * world) == 0, pods
     conf = {c["key"]: c["value"] for c in elastic["rdzvConf"]}
     assert conf["join_timeout"] == env["RDZV_TIMEOUT"]
     ports = {p["containerPort"] for p in replicas["Master"]["template"]["spec"]["containers"][0]["ports"]}
