@@ -212,8 +212,8 @@ def headroom(cap_mb: int, data: Path, work: Path, model: str) -> str:
             if not ok:
                 break
             best, micro = micro, micro * 2
-        lines.append(f"| {'fused (default)' if kind == 'distclm' else 'the model own (--train.fused_loss=false)'} | "
-                     f"{best} |")
+        label = "fused (default)" if kind == "distclm" else "the model's own (--train.fused_loss=false)"
+        lines.append(f"| {label} | {best} |")
     return "\n".join(lines)
 
 
