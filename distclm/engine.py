@@ -17,6 +17,7 @@ accelerate or DeepSpeed, which would step it per process or per micro-batch).
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import math
 import os
@@ -73,6 +74,8 @@ class Engine:
         if ds is not None:  # DeepSpeed's own comm adopts the group (zero.Init reads the world size from it)
             import deepspeed
 
+            # Its shared-memory op serves only DeepSpeed-inference all-reduces: not loading it saves ~2.5 s a start.
+            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
             deepspeed.init_distributed(dist_backend=pick_backend(t), timeout=timedelta(seconds=t.dist_timeout_s))
         return cls(t, stage, ds, _accelerator(t, ds, precision) if training else None, training)
 
@@ -126,11 +129,6 @@ class Engine:
         """ZeRO-3: every forward gathers parameters from all ranks, so every rank must run as many."""
         return self.stage == 3
 
-    @property
-    def deepspeed(self):
-        """The DeepSpeed engine (None under DDP)."""
-        return self.model if self.ds is not None else None
-
     # -- one optimizer step --------------------------------------------------------------------
 
     @contextlib.contextmanager
@@ -172,6 +170,14 @@ class Engine:
             self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()  # a skipped update still consumes its step of the schedule
         return norm
+
+    def drop_optimizer_state(self) -> None:
+        """Training is over and saved: free the optimizer's moments and ZeRO's gradient partitions, so that the
+        export's gathers do not come on top of them (the weights, which ZeRO's fp32 partitions hold, stay)."""
+        opt = self.model.optimizer if self.ds is not None else self.optimizer
+        getattr(opt, "optimizer", opt).state.clear()
+        if getattr(opt, "grad_partitions_flat_buffer", None) is not None:
+            opt.grad_partitions_flat_buffer.data = torch.empty(0)
 
     @property
     def lr(self) -> float:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from distclm import dist
-from distclm.checkpoint import complete_checkpoints, save_checkpoint
+from distclm.checkpoint import complete_checkpoints, save_checkpoint, step_of
 from distclm.config import Config
 from distclm.console import TrainConsole
 from distclm.loss import mean_loss
@@ -225,7 +225,7 @@ def run_eval(loop: Loop, step: int) -> dict | None:
 def save(loop: Loop, step: int) -> Path:
     path = save_checkpoint(loop.engine, loop.run.path, loop.plan.checkpoint_meta(step), loop.cfg.train.keep_last,
                            loop.hf)
-    loop.trackers.checkpointed(step)
+    loop.trackers.checkpointed(step_of(complete_checkpoints(loop.run.path)[0]))  # the oldest a resume can use
     loop.console.print(f"checkpoint {path}")
     return path
 

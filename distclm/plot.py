@@ -7,17 +7,15 @@ from pathlib import Path
 
 
 def plot_curves(metrics_path: Path, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state, faster import
 
     train, evals = {}, {}
     for line in Path(metrics_path).read_text(encoding="utf-8").splitlines():
         r = json.loads(line)
         (train if r["type"] == "train" else evals)[r["step"]] = r
     steps = sorted(train)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig = Figure(figsize=(10, 3.6))
+    ax1, ax2 = fig.subplots(1, 2)
     ax1.plot(steps, [train[s]["loss"] for s in steps], label="train loss")
     if evals:
         es = sorted(evals)
@@ -32,4 +30,3 @@ def plot_curves(metrics_path: Path, out: Path) -> None:
     ax2.set_ylabel("tokens/s (global)")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
-    plt.close(fig)

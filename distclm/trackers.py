@@ -110,7 +110,8 @@ class Trackers:
         self._save()
 
     def checkpointed(self, step: int) -> None:
-        """A checkpoint at `step`: no resume will run a step up to it again, so their record can go."""
+        """`step`: the oldest checkpoint kept. No resume runs a step up to it again, so their record can go (a
+        resume from an older kept one, the newest being lost, runs again steps logged after it: not logged twice)."""
         if self.trackers:
             self.state["logged"] = {k: [s for s in v if s > step] for k, v in self.state["logged"].items()}
             self._save()

@@ -187,6 +187,7 @@ def finish(loop: Loop, summary: dict) -> dict:
     from distclm.plot import plot_curves
 
     e = loop.engine
+    e.drop_optimizer_state()  # the last checkpoint holds it
     export_run(loop.run.path, engine=e)
     trainable, total = parameter_counts(e.module)
     summary = {**summary, "params": {"trainable": trainable, "total": total}}

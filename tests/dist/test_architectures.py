@@ -21,7 +21,8 @@ COMMON = (f"--train.max_steps={STEPS}", "--train.lr=1e-3", "--train.warmup_steps
           "--eval.batch_size=16", "--eval.max_blocks=32")
 
 
-@pytest.fixture(scope="module", params=["llama-tiny", "qwen2-tiny", "neox-tiny"])
+@pytest.fixture(scope="module", params=["llama-tiny", pytest.param("qwen2-tiny", marks=pytest.mark.extended),
+                                        pytest.param("neox-tiny", marks=pytest.mark.extended)])
 def runs(request, tmp_path_factory, pydoc_blocks):
     preset, root = request.param, tmp_path_factory.mktemp(request.param)
     train(1, root / "ddp-1", pydoc_blocks, *COMMON, "--train.micro_batch_size=8", model=preset)

@@ -12,7 +12,7 @@ import pytest
 from tests.support.cli import run_cli
 from tests.support.env import REPO, child_env
 
-BASE = ["--model.name=gpt2-tiny", "--train.micro_batch_size=4", "--log.interval_s=1000"]
+BASE = ["--model.name=gpt2-tiny", "--train.micro_batch_size=4", "--log.interval_s=1000", "--eval.max_blocks=16"]
 
 
 def train(data, run_dir, *extra):

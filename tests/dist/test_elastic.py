@@ -21,7 +21,7 @@ ARGS = ("--train.global_batch_size=8", "--train.micro_batch_size=2", "--train.ma
         "--train.warmup_steps=2", "--train.seed=3", "--log.block_ids=true", "--eval.max_blocks=8")
 
 
-@pytest.mark.parametrize("strategy, atol", [("ddp", 1e-5), ("zero2", 1e-4)])
+@pytest.mark.parametrize("strategy, atol", [("ddp", 1e-5), pytest.param("zero2", 1e-4, marks=pytest.mark.extended)])
 def test_stop_on_2_continue_on_1_then_4_matches_a_straight_run(tmp_path, pydoc_blocks, dropout_gpt2, strategy, atol):
     args = [*ARGS, f"--train.strategy={strategy}"]
     train(2, tmp_path / "a", pydoc_blocks, *args, model=str(dropout_gpt2))

@@ -18,7 +18,7 @@ from tests.support.env import child_env
 from tests.support.runs import read_metrics
 
 BASE = ["--model.name=gpt2-tiny", "--train.micro_batch_size=4", "--train.lr=1e-3", "--train.seed=3",
-        "--log.every_steps=1", "--log.interval_s=1000"]
+        "--log.every_steps=1", "--log.interval_s=1000", "--eval.max_blocks=16"]
 
 
 def weights(path):
@@ -88,7 +88,7 @@ def test_sigterm_to_one_rank_stops_all_ranks_at_the_same_step(pydoc_blocks, tmp_
     assert max(read_metrics(run_dir)) == step  # no rank went on past the agreed step
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("zero2", marks=pytest.mark.extended)])
 def test_nonfinite_steps_are_skipped_then_the_run_stops(pydoc_blocks, tmp_path, strategy):
     run_dir = tmp_path / strategy
     # NaN losses at steps 3, 4, 5 on 2 ranks; a checkpoint every 2 steps.
@@ -108,6 +108,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(pydoc_blocks, tmp_path, 
     assert all(np.isfinite(v).all() for v in weights(ckpts[4]).values())
 
 
+@pytest.mark.extended
 def test_skip_mode_keeps_going(pydoc_blocks, tmp_path):
     run_dir = tmp_path / "skip"
     proc = start(1, pydoc_blocks, run_dir, "--train.max_steps=10", "--train.on_nonfinite=skip",

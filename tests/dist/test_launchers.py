@@ -12,7 +12,7 @@ from tests.support.env import REPO, child_env
 from tests.support.runs import read_metrics
 
 ARGS = ["--model.name=gpt2-tiny", "--train.max_steps=3", "--train.micro_batch_size=4", "--train.lr=1e-3",
-        "--train.seed=3", "--log.every_steps=1"]
+        "--train.seed=3", "--log.every_steps=1", "--eval.max_blocks=16"]
 
 
 def launched(launcher: list[str], data, run_dir, *extra) -> list[float]:
@@ -29,6 +29,7 @@ def torchrun_ddp(shared):
     return [recs[s]["loss"] for s in (1, 2, 3)]
 
 
+@pytest.mark.extended  # tests/multinode runs the deepspeed launcher (no ssh) with ZeRO-2 across two hosts
 def test_deepspeed_launcher_with_zero2(pydoc_blocks, tmp_path, torchrun_ddp):
     # The deepspeed launcher adds --local_rank=N before the command: accepted and ignored.
     launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
@@ -38,7 +39,7 @@ def test_deepspeed_launcher_with_zero2(pydoc_blocks, tmp_path, torchrun_ddp):
     assert (tmp_path / "ds" / "ds_config.json").exists()
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
+@pytest.mark.parametrize("strategy", [pytest.param("ddp", marks=pytest.mark.extended), "zero2"])
 def test_accelerate_launch_config_carries_topology_only(pydoc_blocks, tmp_path, torchrun_ddp, strategy):
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                 str(REPO / "launchers" / "accelerate" / "multi_cpu.yaml"), "--main_process_port", str(free_port()), "-m"]

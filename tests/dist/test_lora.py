@@ -2,7 +2,7 @@
 exactly, exported merged (export/) and alone (export/adapter/). The known ZeRO-3 failures are checked for:
 an empty adapter file, lora_B stuck at zero, an adapter lost on resume.
 
-Runs (gpt2-tiny, r=8, global batch 8 blocks of 64 tokens, 20 steps, lr 1e-3, checkpoints at 10 and 20):
+Runs (gpt2-tiny, r=8, global batch 8 blocks of 64 tokens, 20 steps, lr 1e-2 (LoRA's usual 10x), checkpoints at 10 and 20):
   ddp-2     2 processes, DDP: the uninterrupted reference
   zero3-2   2 processes, ZeRO-3
   sigterm   2 processes, DDP, SIGTERM on rank 0 during step 10 (exit 143), relaunched: the same 20 steps
@@ -23,7 +23,7 @@ from tests.support.cli import run_cli
 from tests.support.env import child_env
 from tests.support.runs import read_metrics, train, weights
 
-LORA = ("--lora.r=8", "--train.max_steps=20", "--train.lr=1e-3", "--train.warmup_steps=2", "--train.seed=3",
+LORA = ("--lora.r=8", "--train.max_steps=20", "--train.lr=1e-2", "--train.warmup_steps=2", "--train.seed=3",
         "--train.save_every=10", "--eval.max_blocks=32", "--eval.batch_size=16")
 TWO, ONE = "--train.micro_batch_size=4", "--train.micro_batch_size=8"
 
@@ -51,7 +51,7 @@ def losses(run_dir, steps=range(1, 21)) -> list[float]:
 def test_only_the_adapter_trains_and_checkpoints_hold_it_alone(runs):
     root, _, _ = runs
     params = json.loads((root / "ddp-2" / "summary.json").read_text())["params"]
-    assert params["trainable"] == 2 * 2 * 8 * (128 + 384)  # 2 layers x c_attn (128 -> 384): A 8x128, B 384x8
+    assert params["trainable"] == 2 * 8 * (128 + 384)  # 2 layers x c_attn (128 -> 384): A 8x128 + B 384x8
     assert params["trainable"] < 0.05 * params["total"]
     for name in ("ddp-2", "zero3-2"):
         ckpt = root / name / "checkpoints" / "step-20"
@@ -65,7 +65,7 @@ def test_only_the_adapter_trains_and_checkpoints_hold_it_alone(runs):
 def test_zero3_lora_matches_ddp_lora(runs):
     root, _, _ = runs
     ddp = losses(root / "ddp-2")
-    assert ddp[-1] < ddp[0] - 0.1  # the adapter learned something
+    assert np.mean(ddp[10:]) < np.mean(ddp[:10]) - 0.03  # the adapter learned something (batches differ: means)
     np.testing.assert_allclose(losses(root / "zero3-2"), ddp, rtol=0, atol=1e-4)
 
 
@@ -123,7 +123,8 @@ def test_offline_export_rebuilds_the_base_and_merges_the_checkpoint_adapter(runs
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
 
 
-@pytest.mark.parametrize("preset", ["llama-tiny", "qwen2-tiny", "neox-tiny"])
+@pytest.mark.parametrize("preset", ["llama-tiny", pytest.param("qwen2-tiny", marks=pytest.mark.extended),
+                                    pytest.param("neox-tiny", marks=pytest.mark.extended)])
 def test_lora_on_every_architecture_preset_with_zero2(tmp_path, pydoc_blocks, preset):
     from transformers import pipeline
 

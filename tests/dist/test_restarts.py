@@ -10,12 +10,13 @@ import time
 
 import numpy as np
 import psutil
+import pytest
 from safetensors.numpy import load_file
 from tests.support.env import REPO, child_env
 from tests.support.runs import read_metrics
 
 ARGS = ["--model.name=gpt2-tiny", "--train.micro_batch_size=4", "--train.lr=1e-3", "--train.seed=3",
-        "--log.every_steps=1", "--log.interval_s=1000", "--log.block_ids=true"]
+        "--log.every_steps=1", "--log.interval_s=1000", "--log.block_ids=true", "--eval.max_blocks=16"]
 
 
 def torchrun(data, run_dir, *extra, restarts=0):
@@ -76,6 +77,7 @@ def test_sigkill_of_one_rank_restarts_and_ends_like_an_uninterrupted_run(pydoc_b
     assert raw[:10] == list(range(1, 11)) and raw.count(11) == 2
 
 
+@pytest.mark.extended
 def test_sigkill_during_a_checkpoint_write_resumes_from_the_previous_one(pydoc_blocks, tmp_path):
     run_dir = tmp_path / "ck"
     extra = ["--train.max_steps=40", "--train.save_every=2", "--train.keep_last=3"]

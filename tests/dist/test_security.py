@@ -15,7 +15,8 @@ def test_hf_token_never_reaches_logs_or_saved_files(pydoc_blocks, tmp_path):
     run_dir = tmp_path / "r"
     outputs = []
     for cmd in (["train", f"--data.dir={pydoc_blocks}", "--model.name=gpt2-tiny", f"--run.dir={run_dir}",
-                 "--train.max_steps=2", "--train.micro_batch_size=4", "--log.interval_s=0"],
+                 "--train.max_steps=2", "--train.micro_batch_size=4", "--log.interval_s=0",
+                 "--eval.max_blocks=16"],
                 ["doctor"], ["train", "--print-config", f"--data.dir={pydoc_blocks}", "--model.name=gpt2-tiny"]):
         proc = subprocess.run([sys.executable, "-m", "distclm.cli", *cmd], env=env, cwd=REPO,
                               capture_output=True, text=True, timeout=300)

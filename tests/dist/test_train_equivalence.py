@@ -80,7 +80,7 @@ def test_two_process_ddp_matches_one_process_with_accumulation(shared, dropout_g
     np.testing.assert_allclose(two, one, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("strategy", ["zero1", "zero2", "zero3"])
+@pytest.mark.parametrize("strategy", [pytest.param("zero1", marks=pytest.mark.extended), "zero2", "zero3"])
 def test_zero_stages_match_ddp(shared, strategy):
     ddp = losses(shared.get("equiv-ddp-2proc"))
     zero = losses(shared.get(f"equiv-{strategy}-2proc"))
@@ -88,6 +88,7 @@ def test_zero_stages_match_ddp(shared, strategy):
     assert (shared.get(f"equiv-{strategy}-2proc") / "ds_config.json").exists()
 
 
+@pytest.mark.extended  # CPU Adam is JIT-built on first use (~2 min on 2 cores)
 @pytest.mark.parametrize("strategy", ["zero2", "zero3"])
 def test_zero_with_optimizer_offload_matches_ddp(shared, strategy):
     ddp = losses(shared.get("equiv-ddp-2proc"))
@@ -96,12 +97,14 @@ def test_zero_with_optimizer_offload_matches_ddp(shared, strategy):
     np.testing.assert_allclose(off, ddp, rtol=0, atol=1e-3)
 
 
+@pytest.mark.extended
 def test_activation_checkpointing_gives_the_same_losses(shared):
     plain = losses(shared.get("equiv-1proc"))
     recomputed = losses(shared.get("equiv-1proc-act-ckpt"))
     np.testing.assert_allclose(recomputed, plain, rtol=0, atol=1e-5)
 
 
+@pytest.mark.extended  # inductor compiles C++ on the CPU: ~100 s
 def test_torch_compile_trains_the_same_and_exports_plain_weight_names(shared):
     from safetensors.numpy import load_file
 
