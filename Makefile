@@ -22,7 +22,7 @@ demo: setup
 # CI's tier: every guarantee on at least one strategy, preset and launcher (the `extended` variants are left to
 # test-all, which runs everything; see README "Tests").
 test: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not extended" tests; rc=$$?; \
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q --durations=30 -m "not extended" tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; fi; exit $$rc
 
 test-all: setup
