@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -106,6 +107,7 @@ def run(model: Path, data: Path, strategy: str, nproc: int, work: Path) -> dict:
     out, err = proc.communicate()
     stop.set()
     watcher.join()
+    shutil.rmtree(run_dir, ignore_errors=True)  # GBs of checkpoint per run: keep the disk free for the next one
     if proc.returncode != 0:
         raise SystemExit(f"{strategy} x{nproc} failed:\n{err[-4000:]}")
     return {"strategy": strategy, "nproc": nproc, "peak_per_rank": max(peaks.values()), "ranks": len(peaks),

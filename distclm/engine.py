@@ -8,10 +8,9 @@ Everything else in distclm talks to an `Engine`:
     with engine.micro_batch(last=...): engine.backward(loss)  # gradients synchronised on the last one
     grad_norm = engine.optimizer_step()                       # clip, step, zero, schedule
 
-DDP on CPU needs `Accelerator(cpu=True)` (without it accelerate leaves several CPU processes
-unwrapped and the ranks silently diverge), while `cpu=True` silently turns DeepSpeed off: so
-cpu=True for DDP only. The lr schedule is ours, stepped once per optimizer step (never through
-accelerate or DeepSpeed, which would step it per process or per micro-batch).
+DDP on CPU needs `Accelerator(cpu=True)` (else several CPU processes stay unwrapped and the ranks silently
+diverge), while `cpu=True` turns DeepSpeed off: so for DDP only. The lr schedule is ours, stepped once per
+optimizer step (accelerate or DeepSpeed would step it per process or per micro-batch).
 """
 
 from __future__ import annotations
@@ -44,10 +43,8 @@ class Engine:
         self.t, self.stage, self.ds, self.accelerator, self.training = t, stage, ds, accelerator, training
         self.world, self.rank = dist.world_size(), dist.rank()
         self.is_main = self.rank == 0
-        if accelerator is not None:
-            self.device = accelerator.device
-        else:
-            self.device = torch.device("cuda", dist.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+        cuda = torch.device("cuda", dist.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = accelerator.device if accelerator is not None else cuda
         self.model = self.module = self.optimizer = self.scheduler = None
         self.loss = "the model's own"  # which loss the model computes (loss.install), for the console
         self._zero3_config = None
@@ -96,6 +93,8 @@ class Engine:
         if t.compile:
             model = torch.compile(model)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        if self.stage == 3 and t.offload == "none":
+            _share_fp32_partitions(self.model.optimizer)
 
     def wrap_for_inference(self, model) -> None:
         """Forward-only: partitioned by DeepSpeed under ZeRO-3 (every forward collective), else a copy per rank."""
@@ -172,8 +171,7 @@ class Engine:
         return norm
 
     def drop_optimizer_state(self) -> None:
-        """Training is over and saved: free the optimizer's moments and ZeRO's gradient partitions, so that the
-        export's gathers do not come on top of them (the weights, which ZeRO's fp32 partitions hold, stay)."""
+        """Training is over and saved: free the optimizer's moments and ZeRO's gradient partitions before the export."""
         opt = self.model.optimizer if self.ds is not None else self.optimizer
         getattr(opt, "optimizer", opt).state.clear()
         if getattr(opt, "grad_partitions_flat_buffer", None) is not None:
@@ -286,12 +284,8 @@ class Engine:
 
     def _repair_after_load(self, hyper: list[dict]) -> None:
         """After a (universal) load: this run's per-group hyper-parameters, the schedule's lr, own step counters.
-
-        DeepSpeed's ZeRO-3 universal loader copies group 0's hyper-parameters (weight decay) onto every
-        group and gives every group the SAME Adam `step` tensor, which AdamW then increments once per
-        group (bias correction ran ahead: losses drifted ~1e-2 in 10 steps). A weights-only reload also
-        leaves the lr at whatever the converter kept.
-        """
+        DeepSpeed's ZeRO-3 universal loader copies group 0's weight decay onto every group and gives every group
+        the SAME Adam `step` tensor, which AdamW then increments once per group (losses drifted ~1e-2 in 10 steps)."""
         groups = self.scheduler.optimizer.param_groups
         assert len(hyper) == len(groups), "the optimizer's groups changed during the load"
         for group, h, lr in zip(groups, hyper, self.scheduler.get_last_lr()):
@@ -336,11 +330,8 @@ class Engine:
 
     @staticmethod
     def to_universal(src: Path, dst: Path) -> None:
-        """ZeRO shards (one tag folder) -> a DeepSpeed universal checkpoint that any world size loads.
-
-        `ds_to_universal` run in this process with one worker (its pool would fork a process that holds
-        a process group); `inject_missing_state` adds what stage 1/2 checkpoints lack.
-        """
+        """ZeRO shards (one tag folder) -> a DeepSpeed universal checkpoint that any world size loads. In this process,
+        one worker (its pool would fork a process holding a process group); inject_missing_state: for stage 1/2."""
         import io
         from argparse import Namespace
 
@@ -364,6 +355,14 @@ class Engine:
             return get_fp32_state_dict_from_zero_checkpoint(str(folder / "deepspeed"), tag="state", lazy_mode=True)
 
 
+def _share_fp32_partitions(zero3) -> None:
+    """ZeRO-3 keeps an fp32 master copy of each partition even when the weights are fp32 on that device already
+    (DeepSpeed compares the device with a string): then the master IS the partition (1/world of the model saved)."""
+    for master, weights in zip(zero3.fp32_partitioned_groups_flat, zero3.fp16_partitioned_groups_flat):
+        if master is not weights and (master.dtype, master.device) == (weights.dtype, weights.device):
+            master.data = weights.data
+
+
 def deepspeed_ops(cache: str) -> tuple[str, list[tuple[str, str, str, str]]]:
     """(accelerator, [(op, prebuilt, can JIT-build, built in `cache`)]) as DeepSpeed sees this machine (doctor)."""
     try:
@@ -381,7 +380,6 @@ def deepspeed_ops(cache: str) -> tuple[str, list[tuple[str, str, str, str]]]:
                      "yes" if probe_is_compatible(builder, False) else "no",
                      "built" if os.path.exists(so) else "-"))
     return accelerator_name or "(not recorded at install)", rows
-
 
 
 def _accelerator(t, ds: dict | None, precision: str):
