@@ -129,7 +129,8 @@ def test_resume_picks_newest_complete_and_prune_cleans(tmp_path):
 # Exact resume on the same world size (points 2 and 3)
 
 
-@pytest.mark.parametrize("strategy", [pytest.param("ddp", marks=pytest.mark.extended), "zero2"])
+@pytest.mark.extended  # CI: exact resume in test_lora (SIGTERM), test_elastic, test_zero3_two_to_one_process
+@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
 def test_stop_at_10_resume_matches_20_straight(shared, pydoc_blocks, tmp_path, strategy):
     ref = straight(shared, strategy)
     run = continue_from(ref / "checkpoints" / "step-10", tmp_path / "resumed")
@@ -154,7 +155,8 @@ def test_stop_at_10_resume_matches_20_straight(shared, pydoc_blocks, tmp_path, s
 # Another world size: 2 -> 1 -> 2 processes, same global batch (point 5)
 
 
-@pytest.mark.parametrize("strategy", [pytest.param("ddp", marks=pytest.mark.extended), "zero2"])
+@pytest.mark.extended  # CI: test_zero3_two_to_one_process, tests/dist/test_elastic.py (2 -> 1 -> 4 processes)
+@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
 def test_two_to_one_to_two_processes_continue_the_same_order(shared, pydoc_blocks, tmp_path, strategy):
     ref = straight(shared, strategy)
     ref_ids = {r: block_ids(ref, r) for r in (0, 1)}

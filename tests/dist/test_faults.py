@@ -46,6 +46,7 @@ def wait_for_step(run_dir, step, proc, timeout=240):
     raise AssertionError(f"step {step} not reached in {timeout}s")
 
 
+@pytest.mark.extended  # CI: SIGTERM + exact resume in test_lora, test_elastic, test_observability
 def test_sigterm_single_process_saves_exits_143_and_resumes_exactly(pydoc_blocks, tmp_path, shared):
     straight = shared.get("faults-1proc-30")  # uninterrupted reference
     run_dir = tmp_path / "pre"

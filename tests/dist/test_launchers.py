@@ -39,7 +39,8 @@ def test_deepspeed_launcher_with_zero2(pydoc_blocks, tmp_path, torchrun_ddp):
     assert (tmp_path / "ds" / "ds_config.json").exists()
 
 
-@pytest.mark.parametrize("strategy", [pytest.param("ddp", marks=pytest.mark.extended), "zero2"])
+@pytest.mark.extended  # CI runs torchrun everywhere and the deepspeed launcher in tests/multinode
+@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
 def test_accelerate_launch_config_carries_topology_only(pydoc_blocks, tmp_path, torchrun_ddp, strategy):
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                 str(REPO / "launchers" / "accelerate" / "multi_cpu.yaml"), "--main_process_port", str(free_port()), "-m"]

@@ -38,8 +38,6 @@ def runs(tmp_path_factory, pydoc_blocks):
     stopped = run_cli("train", *args, nproc=2, env=child_env(hooks={"DISTCLM_TEST_SIGTERM_AT_STEP": "10"}))
     assert re.search(r"exitcode\s*:\s*143", stopped.err), stopped.err[-3000:]  # torchrun reports the worker's 143
     resumed = run_cli("train", *args, nproc=2, check=True)
-    train(1, root / "zero3-1", pydoc_blocks, *LORA, ONE, "--train.strategy=zero3",
-          f"--run.resume={root / 'zero3-2' / 'checkpoints' / 'step-10'}")
     return root, stopped, resumed
 
 
@@ -78,8 +76,11 @@ def test_sigterm_at_step_10_then_resume_is_exact(runs):
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
 
 
-def test_resume_onto_another_world_size(runs):
+@pytest.mark.extended
+def test_resume_onto_another_world_size(runs, pydoc_blocks):
     root, _, _ = runs
+    train(1, root / "zero3-1", pydoc_blocks, *LORA, ONE, "--train.strategy=zero3",
+          f"--run.resume={root / 'zero3-2' / 'checkpoints' / 'step-10'}")
     np.testing.assert_allclose(losses(root / "zero3-1", range(11, 21)), losses(root / "zero3-2", range(11, 21)),
                                rtol=0, atol=1e-5)
 
@@ -123,8 +124,8 @@ def test_offline_export_rebuilds_the_base_and_merges_the_checkpoint_adapter(runs
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
 
 
-@pytest.mark.parametrize("preset", ["llama-tiny", pytest.param("qwen2-tiny", marks=pytest.mark.extended),
-                                    pytest.param("neox-tiny", marks=pytest.mark.extended)])
+@pytest.mark.extended  # CI: LoRA on gpt2-tiny (the fixture), the architectures in test_architectures.py
+@pytest.mark.parametrize("preset", ["llama-tiny", "qwen2-tiny", "neox-tiny"])
 def test_lora_on_every_architecture_preset_with_zero2(tmp_path, pydoc_blocks, preset):
     from transformers import pipeline
 

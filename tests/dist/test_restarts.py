@@ -46,6 +46,7 @@ def workers(proc) -> list[psutil.Process]:
     return [c for c in psutil.Process(proc.pid).children(recursive=True) if "distclm.cli" in " ".join(c.cmdline())]
 
 
+@pytest.mark.extended  # ~100 s: a kill, torchrun's restart and a full re-run
 def test_sigkill_of_one_rank_restarts_and_ends_like_an_uninterrupted_run(pydoc_blocks, tmp_path):
     extra = ["--train.max_steps=24", "--train.save_every=5"]
     ref = torchrun(pydoc_blocks, tmp_path / "ref", *extra)

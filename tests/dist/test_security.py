@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+
+import pytest
 from tests.support.env import REPO, child_env
 
 
 SECRET = "hf_distclmTestSecretToken1234567890"
 
 
+@pytest.mark.extended  # CI: test_observability.py::test_secrets_never_reach_a_tracker (files, console, trackers)
 def test_hf_token_never_reaches_logs_or_saved_files(pydoc_blocks, tmp_path):
     env = {**child_env(), "HF_TOKEN": SECRET, "HUGGING_FACE_HUB_TOKEN": SECRET}
     run_dir = tmp_path / "r"

@@ -103,6 +103,7 @@ def test_torchrun_c10d_two_hosts_match_one_host_with_a_node_20s_late(hosts, bloc
     assert "shared" in logs[0]
 
 
+@pytest.mark.extended  # CI: the torchrun (c10d) pair of hosts above
 def test_deepspeed_launcher_no_ssh_two_hosts_match_one_host(hosts, blocks, one_host, tmp_path):
     run_dir = tmp_path / "run"
     hostfile = tmp_path / "hostfile"
