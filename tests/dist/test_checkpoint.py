@@ -71,7 +71,8 @@ def max_weight_diff(a: dict, b: dict) -> float:
 # What a checkpoint holds (point 1)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3"])
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("zero2", marks=pytest.mark.extended),
+                                      pytest.param("zero3", marks=pytest.mark.extended)])
 def test_checkpoint_contents(shared, strategy):
     run = straight(shared, strategy)
     root = run / "checkpoints"
@@ -187,6 +188,7 @@ def test_two_to_one_to_two_processes_continue_the_same_order(shared, pydoc_block
     assert dw < 1e-5
 
 
+@pytest.mark.extended  # CI: ZeRO-3 shards-only checkpoints, 2 -> 1 resume and export in test_architectures.py, test_zero3_sharding.py
 def test_zero3_two_to_one_process(shared, pydoc_blocks, tmp_path):
     """ZeRO-3 through a universal checkpoint. DeepSpeed's stage-3 universal loader shares one Adam `step`
     tensor between groups and copies group 0's weight decay onto all; without distclm's repair after the
@@ -276,6 +278,7 @@ print("ok")
 """
 
 
+@pytest.mark.extended  # CI: the ZeRO-3 exports below, tests/deploy/test_packaging.py (a ZeRO-2 run from the wheel)
 def test_export_loads_without_distclm_and_holds_the_trained_weights(shared, tmp_path, cli):
     run = straight(shared, "zero2")
     # `distclm export RUN --out DIR` gives the same folder as the export written at the end of training.
@@ -306,6 +309,7 @@ def test_export_loads_without_distclm_and_holds_the_trained_weights(shared, tmp_
     assert torch.equal(as_loaded["lm_head.weight"], trained["lm_head.weight"])
 
 
+@pytest.mark.extended  # CI: ZeRO-3 shards-only checkpoints, 2 -> 1 resume and export in test_architectures.py, test_zero3_sharding.py
 def test_zero3_export_is_consolidated(shared):
     """ZeRO-3 shards are gathered into full weights (the known failure writes empty tensors)."""
     ddp, z3 = straight(shared, "ddp"), straight(shared, "zero3")
@@ -328,6 +332,7 @@ def test_zero3_export_is_consolidated(shared):
     assert all(torch.equal(w3[k], trained[k]) for k in w3)
 
 
+@pytest.mark.extended  # CI: ZeRO-3 shards-only checkpoints, 2 -> 1 resume and export in test_architectures.py, test_zero3_sharding.py
 def test_zero3_offline_export_consolidates_the_shards(shared, cli, tmp_path):
     """`distclm export` of a ZeRO-3 run (one process, no engine) reads the shards one tensor at a time."""
     z3 = straight(shared, "zero3")
