@@ -128,6 +128,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="gpt2-24x1024,llama-24x1024")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--runs", default=",".join(f"{s}:{n}" for s, n in RUNS), help="strategy:processes, comma list")
     args = ap.parse_args()
     names = ["gpt2-4x256"] if args.quick else args.models.split(",")
     work = OUT / "memory"
@@ -137,7 +138,7 @@ def main() -> None:
     for name in names:
         model = build_model(name, work)
         results[name] = []
-        for strategy, nproc in RUNS:
+        for strategy, nproc in ((r.split(":")[0], int(r.split(":")[1])) for r in args.runs.split(",")):
             r = run(model, data, strategy, nproc, work)
             print(json.dumps({"model": name, **r}), file=sys.stderr, flush=True)
             results[name].append(r)
