@@ -210,8 +210,7 @@ def run_eval(loop: Loop, step: int) -> dict | None:
     if not splits:
         return None
     e = loop.engine
-    # A ZeRO-3 forward is collective (every rank runs as many); any other forward is local, so it goes to the bare
-    # module: DDP's forward broadcasts buffers (RoPE's inv_freq), which hangs when ranks hold unequal blocks.
+    # A ZeRO-3 forward is collective (every rank runs as many); any other is local: the bare module, no DDP hooks.
     model = e.model if e.forward_is_collective else e.module
     result = evaluate_splits(model, splits, loop.cfg.eval.batch_size, e.device, e.forward_is_collective, loop.plan.eos)
     record = {"type": "eval", "step": step, "epoch": step / loop.plan.sampler.steps_per_epoch,

@@ -111,8 +111,7 @@ def test_an_undisturbed_run_names_no_slow_rank_and_logs_the_step_parts(tracked):
 
 def test_a_rank_with_slow_reads_is_named_while_training_runs(tmp_path, pydoc_blocks):
     run = tmp_path / "slow"
-    # llama-tiny and 3 eval blocks one at a time (2 forwards on rank 0, 1 on rank 1): DDP must not be in the eval's
-    # forward (its buffer broadcast of RoPE's inv_freq would wait for rank 1 forever).
+    # llama-tiny, and 3 eval blocks one at a time: 2 eval forwards on rank 0, 1 on rank 1 (uneven ranks end together).
     result = run_cli("train", f"--data.dir={pydoc_blocks}", f"--run.dir={run}", "--model.name=llama-tiny",
                      "--train.max_steps=20", "--train.micro_batch_size=4", "--log.every_steps=2",
                      "--log.interval_s=0", "--eval.max_blocks=3", "--eval.batch_size=1", nproc=2, check=True,
