@@ -84,7 +84,7 @@ def child_trainer(data: str, steps: int, model: str, micro: int, out: str) -> No
 
     torch.manual_seed(0)
     args = TrainingArguments(output_dir=str(Path(out).parent / "trainer-out"), learning_rate=2e-5,
-                             weight_decay=0.01, per_device_train_batch_size=micro, max_steps=steps,
+                             weight_decay=0.01, per_device_train_batch_size=int(micro), max_steps=int(steps),
                              eval_strategy="no", save_strategy="no", report_to=[], logging_steps=10**9,
                              dataloader_num_workers=0, use_cpu=True, seed=0, disable_tqdm=True)
     Trainer(model=build_model(model, seed=0), args=args, train_dataset=trainer_dataset(BlockReader(data).split("train")),
@@ -232,7 +232,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         sys.path.insert(0, str(REPO))
-        {"trainer": child_trainer, "bare": child_bare}[args.child](args.data, args.steps, args.model, args.micro,
+        {"trainer": child_trainer, "bare": child_bare}[args.child](args.data, args.steps, args.model, int(args.micro),
                                                                    args.times_out)
         return
     work = OUT / "train-work"
