@@ -43,8 +43,8 @@ class Engine:
         self.t, self.stage, self.ds, self.accelerator, self.training = t, stage, ds, accelerator, training
         self.world, self.rank = dist.world_size(), dist.rank()
         self.is_main = self.rank == 0
-        cuda = torch.device("cuda", dist.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
-        self.device = accelerator.device if accelerator is not None else cuda
+        own = torch.device("cuda", dist.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = accelerator.device if accelerator is not None else own
         self.model = self.module = self.optimizer = self.scheduler = None
         self.loss = "the model's own"  # which loss the model computes (loss.install), for the console
         self._zero3_config = None
