@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import io
 import json
 import math
 import os
+import uuid
 import warnings
+from argparse import Namespace
 from datetime import timedelta
 from pathlib import Path
 from typing import Iterator
@@ -93,7 +96,7 @@ class Engine:
         if t.compile:
             model = torch.compile(model)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        if self.stage == 3 and t.offload == "none":
+        if self.stage and t.offload == "none":
             _share_fp32_partitions(self.model.optimizer)
 
     def wrap_for_inference(self, model) -> None:
@@ -151,10 +154,8 @@ class Engine:
             self.accelerator.backward(loss)
 
     def optimizer_step(self) -> float:
-        """Clip, step, zero the gradients, step the schedule; -> the gradient norm before clipping.
-
-        A non-finite norm skips the update on every rank alike (the norm is of the all-reduced gradients).
-        """
+        """Clip, step, zero the gradients, step the schedule; -> the gradient norm before clipping. A non-finite
+        norm skips the update on every rank alike (the norm is of the all-reduced gradients)."""
         if self.ds is not None:
             # DeepSpeed's step clips, steps and zeroes; on a non-finite norm ZeRO skips the update itself and
             # reports the norm as inf.
@@ -298,8 +299,6 @@ class Engine:
     def tracker(self, name: str, run_dir: Path, run_name: str, state: dict):
         """One of accelerate's trackers, started (rank 0). `state` (RUN/trackers.json) keeps its run id: a resumed
         run continues the same MLflow / wandb run; TensorBoard continues in the same folder."""
-        import uuid
-
         from accelerate import tracking
 
         if name == "tensorboard":
@@ -332,9 +331,6 @@ class Engine:
     def to_universal(src: Path, dst: Path) -> None:
         """ZeRO shards (one tag folder) -> a DeepSpeed universal checkpoint that any world size loads. In this process,
         one worker (its pool would fork a process holding a process group); inject_missing_state: for stage 1/2."""
-        import io
-        from argparse import Namespace
-
         from deepspeed.checkpoint import ds_to_universal
 
         args = Namespace(input_folder=str(src), output_folder=str(dst), num_extract_workers=1, num_merge_workers=1,
@@ -355,12 +351,21 @@ class Engine:
             return get_fp32_state_dict_from_zero_checkpoint(str(folder / "deepspeed"), tag="state", lazy_mode=True)
 
 
-def _share_fp32_partitions(zero3) -> None:
-    """ZeRO-3 keeps an fp32 master copy of each partition even when the weights are fp32 on that device already
-    (DeepSpeed compares the device with a string): then the master IS the partition (1/world of the model saved)."""
-    for master, weights in zip(zero3.fp32_partitioned_groups_flat, zero3.fp16_partitioned_groups_flat):
+def _share_fp32_partitions(zero) -> None:
+    """ZeRO keeps an fp32 master copy of each partition even when the weights are fp32 on that device already:
+    then the master IS the partition (1/world of the model saved). Stages 1-2 link each weight to its slice of
+    the master (universal checkpoints read through that link), so the links are made again."""
+    if stage3 := hasattr(zero, "fp32_partitioned_groups_flat"):
+        pairs = zip(zero.fp32_partitioned_groups_flat, zero.fp16_partitioned_groups_flat)
+    else:
+        mine = [parts[torch.distributed.get_rank(group)] for parts, group in
+                zip(zero.parallel_partitioned_bit16_groups, zero.real_dp_process_group)]
+        pairs = zip(zero.single_partition_of_fp32_groups, mine)
+    for master, weights in pairs:
         if master is not weights and (master.dtype, master.device) == (weights.dtype, weights.device):
             master.data = weights.data
+    if not stage3:
+        zero._link_all_hp_params()
 
 
 def deepspeed_ops(cache: str) -> tuple[str, list[tuple[str, str, str, str]]]:
@@ -389,10 +394,6 @@ def _accelerator(t, ds: dict | None, precision: str):
     if ds is not None:
         # `accelerate launch` with a CPU config exports ACCELERATE_USE_CPU, which silently turns DeepSpeed off.
         os.environ.pop("ACCELERATE_USE_CPU", None)
-    return Accelerator(
-        cpu=not torch.cuda.is_available() and ds is None,
-        deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds) if ds is not None else None,
-        gradient_accumulation_steps=t.grad_accum,
-        mixed_precision=precision,
-        step_scheduler_with_optimizer=False,
-    )
+    return Accelerator(cpu=not torch.cuda.is_available() and ds is None, gradient_accumulation_steps=t.grad_accum,
+                       deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds) if ds is not None else None,
+                       mixed_precision=precision, step_scheduler_with_optimizer=False)

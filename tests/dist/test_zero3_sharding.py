@@ -53,6 +53,14 @@ def test_right_after_set_up_each_rank_holds_about_half_the_parameters(pydoc_bloc
     assert all(r["local"] == r["total"] == ranks[0]["total"] for r in ddp)  # DDP: a full copy each
 
 
+@pytest.mark.parametrize("strategy", ["zero2", pytest.param("zero3", marks=pytest.mark.extended)])
+def test_in_fp32_the_master_partition_is_the_weights_not_a_second_copy(pydoc_blocks, tmp_path, strategy):
+    """DeepSpeed clones each rank's partition into an fp32 master even when the weights are fp32 already; distclm
+    makes the master the partition itself (for 2 ranks: a quarter of the model's fp32 bytes saved per rank)."""
+    ranks = probe(pydoc_blocks, "gpt2-tiny", strategy, tmp_path / strategy)
+    assert [r["master_copy"] for r in ranks] == [0, 0]
+
+
 def test_pretrained_folder_loads_partitioned_to_exactly_its_weights(pydoc_blocks, llama_folder, tmp_path):
     """One ZeRO-3 step at lr 1e-30 moves no fp32 weight: the export must be the folder's weights, bit for bit."""
     from transformers import AutoModelForCausalLM
