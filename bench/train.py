@@ -242,8 +242,9 @@ def main() -> None:
                    cwd=REPO, check=True, capture_output=True, env=child_env())
     head = (f"fp32, 1 CPU process ({os.cpu_count()} cores), block 128, {args.steps} steps (first {WARMUP} excluded), "
             f"median of {args.repeats} alternating rounds.\n\n")
-    if args.headroom:
-        text = head + headroom(args.headroom, data, work, args.models.split(",")[0])
+    if args.headroom:  # one 4-step run per micro-batch, no rounds
+        text = (f"fp32, 1 CPU process ({os.cpu_count()} cores), block 128, 4 steps a run.\n\n"
+                + headroom(args.headroom, data, work, args.models.split(",")[0]))
     elif args.ablations:
         kinds = ["distclm", "distclm-no-rank-times", "distclm-no-dropout-seeding", "distclm-within"]
         res = compare(kinds, [(m, int(x)) for m in args.models.split(",") for x in args.micro.split(",")], data,
