@@ -73,8 +73,7 @@ def child_trainer_eval(data: str, model_dir: str, out: str) -> None:
     from transformers import Trainer, TrainingArguments, default_data_collator
 
     from distclm.data.blocks import BlockReader
-    from distclm.generate import quiet_loading
-    from distclm.model import build_model
+    from distclm.model import build_model, quiet_loading
 
     dataset = trainer_dataset(BlockReader(data).split("validation"))
     quiet_loading()
@@ -129,8 +128,7 @@ def distclm_eval_inproc(data: Path, model_dir: Path) -> dict:
 
     from distclm.data.blocks import BlockReader
     from distclm.evaluation import evaluate
-    from distclm.generate import quiet_loading
-    from distclm.model import build_model
+    from distclm.model import build_model, quiet_loading
 
     quiet_loading()
     reader = BlockReader(str(data))

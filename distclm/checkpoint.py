@@ -1,4 +1,4 @@
-"""Checkpoints: atomic save, exact O(1) resume (also onto another world size), and the export.
+"""Checkpoints: atomic save, find, exact O(1) resume (also onto another world size).
 
 RUN/checkpoints/step-N/
     COMPLETE         written last: a folder without it is ignored (and cleaned up later)
@@ -28,7 +28,6 @@ import json
 import shutil
 from pathlib import Path
 
-from distclm import dist
 from distclm.atomic import atomic_dir, fresh_dir, publish_dir
 from distclm.errors import UserError
 
@@ -125,7 +124,7 @@ def save_checkpoint(engine, run_dir: Path, meta: dict, keep_last: int, hf) -> Pa
 def _write(engine, run_dir: Path, tmp: Path, meta: dict, hf) -> None:
     from safetensors.torch import save_file
 
-    from distclm.export import write_metadata, write_weights
+    from distclm.hf_folder import write_metadata, write_weights
     from distclm.lora import base_model
 
     if engine.is_main:
@@ -136,7 +135,7 @@ def _write(engine, run_dir: Path, tmp: Path, meta: dict, hf) -> None:
         adapter = dict(engine.full_state_dict(trainable_only=True))
         if engine.is_main:
             save_file(adapter, str(tmp / "trainable.safetensors"), metadata={"format": "pt"})
-    elif not engine.forward_is_collective:  # ZeRO-3: the shards alone, nothing gathered
+    elif not engine.weights_partitioned:  # ZeRO-3: the shards alone, nothing gathered
         write_weights(tmp / "model", engine.full_state_dict())
     if engine.is_main:
         write_metadata(tmp / "model", base_model(engine.module).config, *hf)
@@ -174,7 +173,7 @@ def prune(run_dir: Path, keep_last: int) -> None:
 
 def load_checkpoint(engine, path: Path, meta: dict) -> None:
     """Restore model, optimizer and schedule from `path` (the step to continue from is meta["step"])."""
-    strategy = engine.t.strategy
+    strategy = engine.strategy
     if is_zero(strategy) and not (path / "deepspeed").is_dir():
         raise UserError(f"cannot resume from {path}: it was written without DeepSpeed (--train.strategy=ddp); "
                         f"resume with --train.strategy=ddp")
@@ -187,99 +186,15 @@ def load_checkpoint(engine, path: Path, meta: dict) -> None:
 
 def ensure_universal(engine, path: Path) -> Path:
     """`path`/universal/state: the ZeRO shards as a universal checkpoint (rank 0 converts once; all wait)."""
+    from distclm.engine import to_universal
+
     out = path / "universal"
     if engine.is_main and not (out / COMPLETE).exists():
         try:
             with atomic_dir(out, COMPLETE, "universal\n") as tmp:
-                engine.to_universal(path / "deepspeed" / "state", tmp / "state")
+                to_universal(path / "deepspeed" / "state", tmp / "state")
         except PermissionError:
             raise UserError(f"cannot resume from {path} on another world size: its folder is read-only and the "
                             f"ZeRO shards must be converted there; copy the checkpoint somewhere writable") from None
     engine.barrier()
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Export
-
-
-def export_run(run_dir: Path, out: Path | None = None, engine=None) -> Path:
-    """The newest complete checkpoint as a Hugging Face folder in RUN/export (or `out`), atomically.
-
-    Its model/ folder when it holds the weights. Otherwise (ZeRO-3, LoRA) the weights are written one module at a
-    time: gathered from the live `engine` at the end of training (every rank calls this), or, for `distclm export`
-    (one process), read from the checkpoint's memory-mapped ZeRO shards or rebuilt (LoRA: the base model from
-    --model.name with the checkpoint's adapter). LoRA exports the merged model and export/adapter/.
-    """
-    found = complete_checkpoints(run_dir)
-    if not found:
-        raise UserError(f"{run_dir}: no complete checkpoint to export; train first (checkpoints/step-N/COMPLETE)")
-    ckpt, out = found[-1], Path(out) if out else Path(run_dir) / "export"
-    if any((ckpt / "model").glob("*.safetensors")):
-        if dist.is_rank0():
-            with atomic_dir(out) as tmp:
-                shutil.copytree(ckpt / "model", tmp, dirs_exist_ok=True)
-        dist.barrier()
-        return out
-    if engine is None:
-        return _export_offline(ckpt, out)
-    tmp = out.with_name(f".tmp-{out.name}")
-    if engine.is_main:
-        fresh_dir(tmp)
-        shutil.copytree(ckpt / "model", tmp, dirs_exist_ok=True)
-    _write_model(engine, tmp)
-    if engine.is_main:
-        publish_dir(tmp, out)
-    engine.barrier()
-    return out
-
-
-def _write_model(engine, folder: Path) -> None:
-    """The live model's weights into a Hugging Face folder (every rank calls this; rank 0 writes)."""
-    from distclm import lora
-    from distclm.export import check_full_weights, write_weights
-
-    if not engine.has_frozen:
-        write_weights(folder, engine.full_state_dict())
-        expected = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in engine.module.parameters())
-    else:
-        merged = engine.full_state_dict(merge=(lora.is_lora_layer, lora.merged_layer))
-        write_weights(folder, ((lora.base_name(n), t) for n, t in merged))
-        adapter = dict(engine.full_state_dict(trainable_only=True))
-        if engine.is_main:
-            lora.save_adapter(engine.module, adapter, folder / lora.ADAPTER)
-        expected = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in engine.module.parameters()
-                       if not p.requires_grad)
-    if engine.is_main:
-        check_full_weights(lora.base_model(engine.module).config, folder, expected)
-
-
-def _export_offline(ckpt: Path, out: Path) -> Path:
-    """`distclm export` without the run's processes: ZeRO-3 shards read one tensor at a time, or (LoRA) the base
-    model rebuilt from the run's --model.name with the checkpoint's adapter, merged."""
-    from distclm.engine import Engine
-    from distclm.export import lazy_shard_tensors, write_weights
-
-    with atomic_dir(out) as tmp:
-        shutil.copytree(ckpt / "model", tmp, dirs_exist_ok=True)
-        if (ckpt / "trainable.safetensors").exists():
-            _write_model(Engine.offline(_rebuild_lora(ckpt)), tmp)
-        else:
-            write_weights(tmp, lazy_shard_tensors(Engine.zero_shards_state_dict(ckpt)))
-    return out
-
-
-def _rebuild_lora(ckpt: Path):
-    from safetensors.torch import load_file
-
-    from distclm.config import build_config
-    from distclm.lora import apply_lora
-    from distclm.model import build_model
-
-    cfg = build_config(file=str(ckpt / "config.yaml"))
-    model = apply_lora(build_model(cfg.model.name, cfg.train.seed, cfg.model.trust_remote_code), cfg.lora,
-                       cfg.train.seed)
-    missing, unexpected = model.load_state_dict(load_file(ckpt / "trainable.safetensors"), strict=False)
-    if unexpected:
-        raise UserError(f"{ckpt}: its adapter does not fit the rebuilt model (unexpected {unexpected[:3]})")
-    return model

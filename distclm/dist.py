@@ -1,5 +1,5 @@
-"""Rank and world from the launcher's environment, the one way the process group forms, and helpers that work
-with or without a process group.
+"""Rank and world from the launcher's environment, the one way the process group forms (and why it did not),
+and helpers that work with or without a process group.
 
 torchrun, the deepspeed launcher, accelerate and Slurm-through-torchrun all set RANK, WORLD_SIZE,
 LOCAL_RANK (and LOCAL_WORLD_SIZE). With none set this is one process: rank 0 of 1. Nothing here
@@ -9,10 +9,14 @@ imports torch at module level, so data code can ask "am I rank 0?" cheaply.
 from __future__ import annotations
 
 import os
+import re
+import socket
 import sys
+from contextlib import contextmanager
 from datetime import timedelta
+from typing import Iterator, Mapping
 
-from distclm.errors import UserError
+from distclm.errors import UserError, first_line
 
 
 def rank() -> int:
@@ -42,6 +46,19 @@ def _pg():
     import torch.distributed as td
 
     return td if td.is_available() and td.is_initialized() else None
+
+
+def group_rank_and_size() -> tuple[int, int] | None:
+    """(rank, world size) as the process group sees them; None when there is no process group."""
+    td = _pg()
+    return (td.get_rank(), td.get_world_size()) if td is not None else None
+
+
+def device():
+    """This rank's device: its local GPU (LOCAL_RANK), else the CPU."""
+    import torch
+
+    return torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def barrier() -> None:
@@ -90,8 +107,6 @@ def destroy() -> None:
 
 def free_port() -> int:
     """A TCP port nobody listens on now (for a 1-node rendezvous on 127.0.0.1)."""
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -160,8 +175,6 @@ def form_process_group(t, store=None, needed: bool = False) -> None:
     import torch
     import torch.distributed as td
 
-    from distclm.launch_checks import explain_init_errors
-
     if td.is_initialized() or (world_size() == 1 and not needed):
         return
     ensure_launch_env()  # one process, no launcher: DeepSpeed still wants a (1-process) group
@@ -178,3 +191,60 @@ def form_process_group(t, store=None, needed: bool = False) -> None:
         else:
             td.init_process_group(backend, store=store, rank=rank(), world_size=world_size(),
                                   timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reaching the rendezvous and the backend
+
+
+_BACKEND_ERROR = re.compile(r"gloo|nccl|connect|timed? ?out|socket|store|rendezvous", re.I)
+_JOINED = re.compile(r"(\d+)/(\d+) clients joined")
+
+
+def rendezvous_message(exc: BaseException, timeout_s: float, env: Mapping[str, str] | None = None,
+                       host: str | None = None) -> str:
+    """One line for a process group that could not form: who, which endpoint, how long, what to check."""
+    env = os.environ if env is None else env
+    host = host or socket.gethostname()
+    endpoint = f"{env.get('MASTER_ADDR', '?')}:{env.get('MASTER_PORT', '?')}"
+    who = f"rank {env.get('RANK', '?')} of {env.get('WORLD_SIZE', '?')} on {host}"
+    detail = first_line(exc)
+    joined = _JOINED.search(detail)
+    name = type(exc).__name__
+    if "EADDRINUSE" in detail or "address already in use" in detail.lower():
+        return (f"{who}: the rendezvous port {endpoint} is already in use on this node (another job, or a leftover "
+                f"process of an earlier one); pick a free port (--master_port / MASTER_PORT / RDZV_ENDPOINT) or stop "
+                f"that process [{name}: {detail}]")
+    if joined:
+        what = (f"only {joined.group(1)} of {joined.group(2)} ranks joined the rendezvous at {endpoint} within "
+                f"{timeout_s:g}s: start the missing node(s) with this endpoint, or raise --train.dist_timeout_s "
+                f"if they start later")
+    elif name == "DistNetworkError" or "connect to" in detail:
+        what = (f"could not reach the rendezvous at {endpoint} (MASTER_ADDR:MASTER_PORT from the launcher) within "
+                f"{timeout_s:g}s: check that the master node is up, that the port is open from this node, and that "
+                f"every node was given the same endpoint")
+    else:
+        what = (f"could not connect the backend to the other ranks (rendezvous {endpoint}) within {timeout_s:g}s")
+    ifnames = ", ".join(f"{k}={env[k]}" for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME") if k in env) or "unset"
+    return (f"{who} {what}; GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME must name the interface the nodes share "
+            f"(now {ifnames}) [{name}: {detail}]")
+
+
+def is_connect_error(exc: BaseException) -> bool:
+    """A failure to form the process group (network, store, backend), as opposed to a bug."""
+    import torch.distributed as td
+
+    if isinstance(exc, (td.DistError, TimeoutError, ConnectionError)):
+        return True
+    return isinstance(exc, RuntimeError) and bool(_BACKEND_ERROR.search(str(exc)))
+
+
+@contextmanager
+def explain_init_errors(timeout_s: float) -> Iterator[None]:
+    """Around process-group creation: a rendezvous/backend failure becomes a UserError naming host:port and timeout."""
+    try:
+        yield
+    except Exception as exc:
+        if world_size() > 1 and is_connect_error(exc):
+            raise UserError(rendezvous_message(exc, timeout_s)) from None
+        raise

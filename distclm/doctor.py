@@ -22,10 +22,11 @@ from dataclasses import asdict
 from datetime import timedelta
 from importlib import metadata
 
-from distclm import __version__, config
+from distclm import __version__, config, dist
 from distclm.config import Config
-from distclm.errors import UserError
-from distclm.launch_checks import RankInfo, check_topology, explain_init_errors, launcher_node_count, rank_info
+from distclm.dist import explain_init_errors
+from distclm.errors import UserError, first_line
+from distclm.launch_checks import RankInfo, check_topology, launcher_node_count, rank_info
 
 # The launcher's environment worth seeing when a launch misbehaves (exact names, then prefixes).
 ENV_NAMES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
@@ -121,7 +122,7 @@ def report(cfg: Config, mine: RankInfo) -> str:
 
 
 def _first_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
+    return f"{type(exc).__name__}: {first_line(exc) if str(exc).strip() else ''}"
 
 
 def _connect_store(mine: RankInfo, timeout_s: float):
@@ -151,7 +152,7 @@ def _all_reduce(cfg: Config, mine: RankInfo, store, timeout_s: float) -> str | N
         # The same process-group formation as train, eval and generate, on the check-in store.
         form_process_group(cfg.train, store=td.PrefixStore("pg", store), needed=True)
         cuda = pick_backend(cfg.train) == "nccl"
-        x = torch.ones(1024, device=torch.device("cuda", mine.local_rank) if cuda else torch.device("cpu"))
+        x = torch.ones(1024, device=dist.device() if cuda else torch.device("cpu"))
         td.all_reduce(x)
         if not bool((x == mine.world).all()):
             return f"all-reduce of ones gave {x[0].item()}, expected {mine.world}"
@@ -240,8 +241,8 @@ def _close(healthy: bool) -> None:
         td.destroy_process_group()
 
 
-def doctor_command(cfg: Config) -> int:
-    mine = rank_info()
+def doctor_command(inv) -> int:
+    cfg, mine = inv.cfg, rank_info()
     if mine.rank == 0:
         print(report(cfg, mine), flush=True)
         print("\nnetwork")

@@ -91,7 +91,7 @@ def write_result(result: dict, path: str) -> None:
     atomic_write(Path(path), (json.dumps(result, indent=2) + "\n").encode())
 
 
-def eval_command(cfg) -> int:
+def eval_command(inv) -> int:
     """`distclm eval`: perplexity of --model.name on --data.dir's --eval.split; rank 0 prints and writes JSON.
 
     --train.strategy=zero3 builds the model partitioned across the ranks (DeepSpeed ZeRO-3, every forward
@@ -100,10 +100,10 @@ def eval_command(cfg) -> int:
     """
     from distclm.engine import Engine
     from distclm.errors import UserError
-    from distclm.generate import quiet_loading
     from distclm.loss import install
-    from distclm.model import ModelShape, build_model, load_config, resolve_model_dir
+    from distclm.model import ModelShape, build_model, load_config, quiet_loading, resolve_model_dir
 
+    cfg = inv.cfg
     if not cfg.model.name:
         raise UserError("--model.name is required: a run dir, a Hugging Face folder or a hub id")
     quiet_loading()
@@ -134,16 +134,9 @@ def eval_command(cfg) -> int:
 
 def eval_data(cfg, shape):
     """The prepared folder(s) of --data.dir, checked against the model -> (readers, [(folder, blocks, weight)])."""
-    from distclm.data import mixture
-    from distclm.data.blocks import BlockReader
-    from distclm.model import check_data_fits
-    from distclm.rundir import data_dirs
+    from distclm.rundir import open_data
 
-    readers = [BlockReader(d) for d in data_dirs(cfg)]
-    ws = mixture.weights(cfg, len(readers))
-    mixture.check_same_tokens(readers)
-    for reader in readers:
-        check_data_fits(shape, reader, f"--model.name={cfg.model.name}")
+    readers, ws = open_data(cfg, shape, verify=False)
     return readers, [(str(r.folder), r.split(cfg.eval.split).first(cfg.eval.max_blocks), w)
                      for r, w in zip(readers, ws)]
 

@@ -1,120 +1,112 @@
-"""Hugging Face folders: weights as sharded safetensors written one tensor at a time, plus the model's
-config, its tokenizer and the tutorial's sampling defaults, so `transformers.pipeline("text-generation",
-model=FOLDER)` loads it as is.
+"""`distclm export`, and the end of training: a run's newest complete checkpoint as a Hugging Face folder.
 
-Memory is bounded: `ShardWriter` holds at most one output shard plus the tensor being added (its
-`peak_bytes` records it), and its tensors come from a generator (the engine's `full_state_dict`,
-which under ZeRO-3 gathers one parameter at a time, or a ZeRO checkpoint's memory-mapped shards).
-So at no time is a whole model in memory.
+    RUN/export/   config.json, tokenizer, generation_config.json, model*.safetensors (+ adapter/ with LoRA)
+
+Full weights in the checkpoint are copied. Otherwise (ZeRO-3 shards, LoRA's adapter) they are written one module
+at a time (hf_folder.py bounds the writer's memory): gathered from the live engine at the end of training, or, in
+`distclm export` (one process, no process group), read from the memory-mapped ZeRO shards, or the base model
+rebuilt from --model.name and the adapter merged into it.
 """
 
 from __future__ import annotations
 
-import json
+import shutil
 from pathlib import Path
-from typing import Iterable
 
-SHARD_BYTES = 256 * 2**20  # per output file: bounds the writer's memory to this plus the largest tensor
-
-
-class ShardWriter:
-    """Tensors in, `model.safetensors` (one file) or `model-0000i-of-0000n.safetensors` + index out."""
-
-    def __init__(self, folder: Path, shard_bytes: int = SHARD_BYTES):
-        self.folder, self.shard_bytes = Path(folder), shard_bytes
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._buffer: dict = {}
-        self._buffered = 0
-        self._files: list[tuple[str, list[str]]] = []
-        self.total_bytes = 0
-        self.peak_bytes = 0  # the most tensor bytes this writer held at once
-
-    def add(self, name: str, tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self._buffer and self._buffered + size > self.shard_bytes:
-            self._flush()
-        self._buffer[name] = tensor.contiguous()
-        self._buffered += size
-        self.total_bytes += size
-        self.peak_bytes = max(self.peak_bytes, self._buffered)
-
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        name = f"part-{len(self._files):05d}.safetensors"
-        save_file(self._buffer, str(self.folder / name), metadata={"format": "pt"})
-        self._files.append((name, list(self._buffer)))
-        self._buffer, self._buffered = {}, 0
-
-    def finish(self) -> None:
-        """Name the files as transformers expects; write the index when there are several."""
-        if self._buffer or not self._files:
-            self._flush()
-        n = len(self._files)
-        if n == 1:
-            (self.folder / self._files[0][0]).rename(self.folder / "model.safetensors")
-            return
-        weight_map = {}
-        for i, (part, names) in enumerate(self._files):
-            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            (self.folder / part).rename(self.folder / final)
-            weight_map.update({k: final for k in names})
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+from distclm import dist
+from distclm.atomic import atomic_dir, fresh_dir, publish_dir
+from distclm.checkpoint import complete_checkpoints
+from distclm.errors import UserError
+from distclm.hf_folder import check_full_weights, lazy_shard_tensors, write_weights
 
 
-def write_weights(folder: Path, tensors: Iterable, shard_bytes: int = SHARD_BYTES) -> ShardWriter | None:
-    """Consume (name, tensor or None) pairs; write them where tensors are given (rank 0). Every rank must call
-    this when the pairs come from a collective generator (ZeRO-3)."""
-    writer = None
-    for name, tensor in tensors:
-        if tensor is None:
-            continue
-        writer = writer or ShardWriter(folder, shard_bytes)
-        writer.add(name, tensor)
-    if writer is not None:
-        writer.finish()
-    return writer
+def export_run(run_dir: Path, out: Path | None = None, engine=None) -> Path:
+    """The newest complete checkpoint as a Hugging Face folder in RUN/export (or `out`), atomically.
+
+    Its model/ folder when it holds the weights. Otherwise (ZeRO-3, LoRA) the weights are written one module at a
+    time: gathered from the live `engine` at the end of training (every rank calls this), or, for `distclm export`
+    (one process), read from the checkpoint's memory-mapped ZeRO shards or rebuilt (LoRA: the base model from
+    --model.name with the checkpoint's adapter). LoRA exports the merged model and export/adapter/.
+    """
+    found = complete_checkpoints(run_dir)
+    if not found:
+        raise UserError(f"{run_dir}: no complete checkpoint to export; train first (checkpoints/step-N/COMPLETE)")
+    ckpt, out = found[-1], Path(out) if out else Path(run_dir) / "export"
+    if any((ckpt / "model").glob("*.safetensors")):
+        if dist.is_rank0():
+            with atomic_dir(out) as tmp:
+                shutil.copytree(ckpt / "model", tmp, dirs_exist_ok=True)
+        dist.barrier()
+        return out
+    if engine is None:
+        return _export_offline(ckpt, out)
+    tmp = out.with_name(f".tmp-{out.name}")
+    if engine.is_main:
+        fresh_dir(tmp)
+        shutil.copytree(ckpt / "model", tmp, dirs_exist_ok=True)
+    _write_model(engine, tmp)
+    if engine.is_main:
+        publish_dir(tmp, out)
+    engine.barrier()
+    return out
 
 
-def write_metadata(folder: Path, config, tokenizer, gen) -> None:
-    """config.json (use_cache on, whatever training set), the tokenizer, generation_config.json."""
-    import copy
+def _write_model(engine, folder: Path) -> None:
+    """The live model's weights into a Hugging Face folder (every rank calls this; rank 0 writes)."""
+    from distclm import lora
+    from distclm.engine import full_numel
 
-    config = copy.deepcopy(config)
-    if getattr(config, "use_cache", None) is False:
-        config.use_cache = True  # activation checkpointing turned it off for training only
-    config.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    write_generation_config(gen, tokenizer, folder)
-
-
-def write_generation_config(gen, tokenizer, folder: Path) -> None:
-    """The tutorial's sampling defaults, so pipeline("text-generation") samples like `distclm generate`;
-    special token ids from the tokenizer (pad = eos when it has no pad token, as `generate` does)."""
-    from transformers import GenerationConfig
-
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
-    GenerationConfig(do_sample=gen.do_sample, top_k=gen.top_k, top_p=gen.top_p, temperature=gen.temperature,
-                     max_new_tokens=gen.max_new_tokens, bos_token_id=bos, eos_token_id=eos,
-                     pad_token_id=pad).save_pretrained(folder)
+    if not engine.has_frozen:
+        write_weights(folder, engine.full_state_dict())
+        expected = sum(full_numel(p) * p.element_size() for p in engine.module.parameters())
+    else:
+        merged = engine.full_state_dict(merge=(lora.is_lora_layer, lora.merged_layer))
+        write_weights(folder, ((lora.base_name(n), t) for n, t in merged))
+        adapter = dict(engine.full_state_dict(trainable_only=True))
+        if engine.is_main:
+            lora.save_adapter(engine.module, adapter, folder / lora.ADAPTER)
+        expected = sum(full_numel(p) * p.element_size() for p in engine.module.parameters() if not p.requires_grad)
+    if engine.is_main:
+        check_full_weights(lora.base_model(engine.module).config, folder, expected)
 
 
-def check_full_weights(config, folder: Path, expected_bytes: int) -> None:
-    """The known ZeRO-3 failure writes each rank's empty placeholders: at least params x dtype bytes must be there."""
-    written = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
-    if written < expected_bytes:
-        raise RuntimeError(f"{folder}: {written:,} bytes of weights for {expected_bytes:,} bytes of parameters "
-                           f"({config.model_type}); the ZeRO-3 shards were not gathered")
+def _export_offline(ckpt: Path, out: Path) -> Path:
+    """`distclm export` without the run's processes: ZeRO-3 shards read one tensor at a time, or (LoRA) the base
+    model rebuilt from the run's --model.name with the checkpoint's adapter, merged."""
+    from distclm.engine import offline, zero_shards_state_dict
+
+    with atomic_dir(out) as tmp:
+        shutil.copytree(ckpt / "model", tmp, dirs_exist_ok=True)
+        if (ckpt / "trainable.safetensors").exists():
+            _write_model(offline(_rebuild_lora(ckpt)), tmp)
+        else:
+            write_weights(tmp, lazy_shard_tensors(zero_shards_state_dict(ckpt)))
+    return out
 
 
-def lazy_shard_tensors(lazy: dict, strip: str = "_orig_mod."):
-    """(name, tensor) from DeepSpeed's lazy ZeRO state dict, one materialised at a time, tied copies once."""
-    seen = set()
-    for name, value in lazy.items():
-        if id(value) in seen:  # a tied weight: DeepSpeed lists it under both names
-            continue
-        seen.add(id(value))
-        yield name.removeprefix(strip), value.contiguous()
+def _rebuild_lora(ckpt: Path):
+    from safetensors.torch import load_file
+
+    from distclm.config import build_config
+    from distclm.lora import apply_lora
+    from distclm.model import build_model
+
+    cfg = build_config(file=str(ckpt / "config.yaml"))
+    model = apply_lora(build_model(cfg.model.name, cfg.train.seed, cfg.model.trust_remote_code), cfg.lora,
+                       cfg.train.seed)
+    missing, unexpected = model.load_state_dict(load_file(ckpt / "trainable.safetensors"), strict=False)
+    if unexpected:
+        raise UserError(f"{ckpt}: its adapter does not fit the rebuilt model (unexpected {unexpected[:3]})")
+    return model
+
+
+def export_command(inv) -> int:
+    """`distclm export RUN [--out DIR]`."""
+    run_dir = inv.positional[0] if inv.positional else inv.cfg.run.dir
+    if not run_dir:
+        raise UserError("export needs a run dir: distclm export RUN [--out DIR]")
+    if not Path(run_dir).is_dir():
+        raise UserError(f"export: {run_dir}: no such run dir")
+    out = export_run(Path(run_dir), inv.extras.get("out"))
+    print(f"exported {run_dir} -> {out} (load it with transformers.pipeline('text-generation', model='{out}'))")
+    return 0

@@ -88,14 +88,8 @@ def generate(model, tokenizer, prompts: list[str], gen, device=None, synced: boo
     return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
 
 
-def quiet_loading() -> None:
-    """No "Loading weights" progress bar on stderr: a command's output is its result (and its one error line)."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-
-def generate_command(cfg, prompt_file: str | None = None) -> int:
+def generate_command(inv) -> int:
+    cfg, prompt_file = inv.cfg, inv.extras.get("prompt_file")
     from distclm.ds_config import zero_stage
 
     if not cfg.model.name:
@@ -105,6 +99,8 @@ def generate_command(cfg, prompt_file: str | None = None) -> int:
         return 0  # rank 0 generates from full weights; reading stdin here too would steal its prompts
     prompts = read_prompts(cfg.gen.prompt, prompt_file) if dist.is_rank0() else None
     generation_kwargs(cfg.gen, 0)  # bad --gen.* settings fail before the model loads
+    from distclm.model import quiet_loading
+
     quiet_loading()
     if partitioned:
         model, device, engine = _partitioned(cfg)
@@ -112,7 +108,7 @@ def generate_command(cfg, prompt_file: str | None = None) -> int:
     else:
         from distclm.model import build_model
 
-        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        device = dist.device()
         model, engine = build_model(cfg.model.name, cfg.train.seed, cfg.model.trust_remote_code).to(device), None
     try:
         from distclm.model import load_model_tokenizer

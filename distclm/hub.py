@@ -11,7 +11,13 @@ import os
 import socket
 import sys
 from functools import lru_cache
+from pathlib import Path
 from urllib.parse import urlparse
+
+
+def is_local(name: str) -> bool:
+    """A path on this machine (a model or tokenizer folder, a data file), as opposed to a hub id."""
+    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
 
 
 def _truthy(value: str | None) -> bool:

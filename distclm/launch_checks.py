@@ -1,8 +1,6 @@
 """Start-up checks every launch runs, so a bad launch fails at once and names the node at fault.
 
-Before the process group (`explain_init_errors`): a rendezvous or backend that cannot be reached within
-`--train.dist_timeout_s` becomes one line naming MASTER_ADDR:MASTER_PORT, the timeout and what to check,
-instead of a 30-minute hang or a C++ traceback.
+(A rendezvous or backend that cannot be reached is explained where the process group forms: dist.py.)
 
 Once the process group exists (`check_launch`, right after the run dir is agreed on):
 
@@ -21,15 +19,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import socket
 import time
 import uuid
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Mapping
 
 from distclm import dist
 from distclm.errors import UserError
@@ -167,92 +163,32 @@ def shared_dir_message(run_dir: Path, missing: list[int], infos: list[RankInfo])
 def check_launch(run_dir: Path) -> str | None:
     """The checks above, collectively, once the process group exists. -> the topology summary (None: one process)."""
     mine = rank_info()
-    td = dist._pg()
     if mine.world == 1:
         return None
-    if td is None:
+    group = dist.group_rank_and_size()
+    if group is None:
         raise UserError(f"WORLD_SIZE={mine.world} but no process group was formed")
-    if (td.get_rank(), td.get_world_size()) != (mine.rank, mine.world):
-        raise UserError(f"the process group says rank {td.get_rank()} of {td.get_world_size()} but the launcher's "
+    if group != (mine.rank, mine.world):
+        raise UserError(f"the process group says rank {group[0]} of {group[1]} but the launcher's "
                         f"environment says RANK={mine.rank} WORLD_SIZE={mine.world} on {mine.host}")
-    gathered: list = [None] * mine.world
-    td.all_gather_object(gathered, asdict(mine))
-    infos = [RankInfo(**g) for g in gathered]
+    infos = [RankInfo(**g) for g in dist.all_gather_object(asdict(mine))]
     summary = check_topology(infos, launcher_node_count())
 
     # The probe folder is new for each launch (rank 0's nonce): files left by an earlier launch prove nothing.
-    nonce = [uuid.uuid4().hex if mine.rank == 0 else None]
-    td.broadcast_object_list(nonce, src=0)
-    probe_dir = Path(run_dir) / ".launch-probe" / nonce[0]
+    nonce = dist.broadcast_object(uuid.uuid4().hex if mine.rank == 0 else None)
+    probe_dir = Path(run_dir) / ".launch-probe" / nonce
     probe_dir.mkdir(parents=True, exist_ok=True)
     (probe_dir / f"rank-{mine.rank}.json").write_text(json.dumps(asdict(mine)) + "\n", encoding="utf-8")
-    td.barrier()
-    verdict = [None]
+    dist.barrier()
+    verdict = None
     if mine.rank == 0:
         missing = missing_probes(probe_dir, mine.world)
-        verdict[0] = shared_dir_message(Path(run_dir), missing, infos) if missing else ""
+        verdict = shared_dir_message(Path(run_dir), missing, infos) if missing else ""
         shutil.rmtree(probe_dir.parent, ignore_errors=True)
-    td.broadcast_object_list(verdict, src=0)
-    if verdict[0]:
-        raise UserError(verdict[0])
+    verdict = dist.broadcast_object(verdict)
+    if verdict:
+        raise UserError(verdict)
     summary += f"; run dir {run_dir} shared"
     if mine.rank == 0:
         print(f"launch: {summary}", flush=True)
     return summary
-
-
-# ---------------------------------------------------------------------------------------------
-# Reaching the rendezvous and the backend
-
-
-_BACKEND_ERROR = re.compile(r"gloo|nccl|connect|timed? ?out|socket|store|rendezvous", re.I)
-_JOINED = re.compile(r"(\d+)/(\d+) clients joined")
-
-
-def rendezvous_message(exc: BaseException, timeout_s: float, env: Mapping[str, str] | None = None,
-                       host: str | None = None) -> str:
-    """One line for a process group that could not form: who, which endpoint, how long, what to check."""
-    env = os.environ if env is None else env
-    host = host or socket.gethostname()
-    endpoint = f"{env.get('MASTER_ADDR', '?')}:{env.get('MASTER_PORT', '?')}"
-    who = f"rank {env.get('RANK', '?')} of {env.get('WORLD_SIZE', '?')} on {host}"
-    detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-    joined = _JOINED.search(detail)
-    name = type(exc).__name__
-    if "EADDRINUSE" in detail or "address already in use" in detail.lower():
-        return (f"{who}: the rendezvous port {endpoint} is already in use on this node (another job, or a leftover "
-                f"process of an earlier one); pick a free port (--master_port / MASTER_PORT / RDZV_ENDPOINT) or stop "
-                f"that process [{name}: {detail}]")
-    if joined:
-        what = (f"only {joined.group(1)} of {joined.group(2)} ranks joined the rendezvous at {endpoint} within "
-                f"{timeout_s:g}s: start the missing node(s) with this endpoint, or raise --train.dist_timeout_s "
-                f"if they start later")
-    elif name == "DistNetworkError" or "connect to" in detail:
-        what = (f"could not reach the rendezvous at {endpoint} (MASTER_ADDR:MASTER_PORT from the launcher) within "
-                f"{timeout_s:g}s: check that the master node is up, that the port is open from this node, and that "
-                f"every node was given the same endpoint")
-    else:
-        what = (f"could not connect the backend to the other ranks (rendezvous {endpoint}) within {timeout_s:g}s")
-    ifnames = ", ".join(f"{k}={env[k]}" for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME") if k in env) or "unset"
-    return (f"{who} {what}; GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME must name the interface the nodes share "
-            f"(now {ifnames}) [{name}: {detail}]")
-
-
-def is_connect_error(exc: BaseException) -> bool:
-    """A failure to form the process group (network, store, backend), as opposed to a bug."""
-    import torch.distributed as td
-
-    if isinstance(exc, (td.DistError, TimeoutError, ConnectionError)):
-        return True
-    return isinstance(exc, RuntimeError) and bool(_BACKEND_ERROR.search(str(exc)))
-
-
-@contextmanager
-def explain_init_errors(timeout_s: float) -> Iterator[None]:
-    """Around process-group creation: a rendezvous/backend failure becomes a UserError naming host:port and timeout."""
-    try:
-        yield
-    except Exception as exc:
-        if dist.world_size() > 1 and is_connect_error(exc):
-            raise UserError(rendezvous_message(exc, timeout_s)) from None
-        raise

@@ -15,7 +15,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from distclm.errors import UserError
+from distclm.errors import UserError, first_line
 
 ADAPTER = "adapter"
 
@@ -41,7 +41,7 @@ def apply_lora(model, lora, seed: int):
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft asks transformers
             return get_peft_model(model, config)
     except ValueError as exc:
-        first = (str(exc).splitlines() or [""])[0][:200]
+        first = first_line(exc, 200)
         if targets is None:
             raise UserError(f"--lora.target_modules=auto: peft has no default target modules for model type "
                             f"{model.config.model_type!r} ({first}); name them, e.g. --lora.target_modules=q_proj,v_proj"

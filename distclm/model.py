@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distclm.data.tokenize import GPT2_REFERENCE
-from distclm.errors import UserError
+from distclm.errors import UserError, first_line
+from distclm.hub import is_local
 
 # Named architectures built from config with random init: offline, for tests, the demo and benchmarks.
 # GPT-2 vocabulary (the vendored tokenizer), no dropout: runs on 1 and N processes compute the same numbers.
@@ -81,8 +82,11 @@ def resolve_model_dir(name: str) -> str:
     return name
 
 
-def is_local(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
+def quiet_loading() -> None:
+    """No "Loading weights" progress bar on stderr: a command's output is its result (and its one error line)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def preset_config(name: str):
@@ -121,7 +125,7 @@ def _source(name: str) -> str:
 
 
 def _load_error(name: str, exc: Exception) -> UserError:
-    first = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+    first = first_line(exc)
     if is_local(name):
         return UserError(f"--model.name={name}: cannot load the model from this folder ({first})")
     from distclm.hub import hub_reachable, offline_hint
@@ -208,10 +212,12 @@ def check_data_fits(shape: ModelShape, reader, flag: str) -> None:
 
 
 def parameter_counts(model) -> tuple[int, int]:
-    """(trainable, total) parameter elements, each tied tensor once (ds_numel: a ZeRO-3 parameter's full size)."""
+    """(trainable, total) parameter elements, each tied tensor once (a ZeRO-3 parameter counts its full size)."""
+    from distclm.engine import full_numel
+
     total = trainable = 0
     for p in model.parameters():
-        n = getattr(p, "ds_numel", p.numel())
+        n = full_numel(p)
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total
@@ -225,8 +231,10 @@ def matmul_parameters(model) -> int:
     """
     import torch
 
+    from distclm.engine import full_numel
+
     out = model.get_output_embeddings()
     head = id(out.weight) if out is not None else None
-    lookups = sum(getattr(m.weight, "ds_numel", m.weight.numel()) for m in model.modules()
+    lookups = sum(full_numel(m.weight) for m in model.modules()
                   if isinstance(m, torch.nn.Embedding) and id(m.weight) != head)
     return parameter_counts(model)[1] - lookups

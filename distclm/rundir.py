@@ -61,8 +61,8 @@ def claim_run_dir(cfg: Config, engine, data_fingerprints: list[str]) -> RunDir:
     if engine.is_main:
         resolved = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=str(run.path)))
         atomic_write(run.path / "config.yaml", to_yaml(resolved).encode())
-        if engine.ds is not None:
-            atomic_write(run.path / "ds_config.json", (json.dumps(engine.ds, indent=2) + "\n").encode())
+        if engine.ds_config is not None:
+            atomic_write(run.path / "ds_config.json", (json.dumps(engine.ds_config, indent=2) + "\n").encode())
         atomic_write(run.path / VERIFIED, (json.dumps({"fingerprints": data_fingerprints}) + "\n").encode())
     engine.barrier()
     check_launch(run.path)
@@ -86,6 +86,21 @@ def check_same_configuration(run_dir: Path, cfg: Config) -> None:
     if differ:
         raise UserError(f"--run.dir={run_dir} holds another configuration (differs in: "
                         f"{', '.join(f'--{k}' for k in differ)}); use another --run.dir, or --run.overwrite=true")
+
+
+def open_data(cfg: Config, shape, verify: bool = True) -> tuple[list, list[float]]:
+    """The prepared folder(s) of --data.dir, checked against the model (`shape`) and each other -> (readers, mixture
+    weights). `verify`: checksums verified the first time a run dir uses a folder (training); eval trusts them."""
+    from distclm.data import mixture
+    from distclm.data.blocks import BlockReader
+    from distclm.model import check_data_fits
+
+    readers = open_data_verified(cfg) if verify else [BlockReader(d) for d in data_dirs(cfg)]
+    ws = mixture.weights(cfg, len(readers))
+    mixture.check_same_tokens(readers)
+    for reader in readers:
+        check_data_fits(shape, reader, f"--model.name={cfg.model.name}")
+    return readers, ws
 
 
 def open_data_verified(cfg: Config):

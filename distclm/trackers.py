@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+import uuid
 from pathlib import Path
 
 from distclm.atomic import atomic_write
@@ -82,6 +83,30 @@ def values(record: dict, prefix: str | None = None) -> dict:
     return out
 
 
+def start_tracker(name: str, run_dir: Path, run_name: str, state: dict):
+    """One of accelerate's trackers, started (rank 0). `state` (RUN/trackers.json) keeps its run id: a resumed
+    run continues the same MLflow / wandb run; TensorBoard continues in the same folder."""
+    from accelerate import tracking
+
+    if name == "tensorboard":
+        tracker = tracking.TensorBoardTracker("tensorboard", str(run_dir))
+    elif name == "mlflow":
+        if not os.environ.get("MLFLOW_TRACKING_URI"):  # a file store in the run dir (MLflow 3 wants it asked for)
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            os.environ["MLFLOW_TRACKING_URI"] = (run_dir.resolve() / "mlruns").as_uri()
+        tracker = tracking.MLflowTracker("distclm", run_id=state.get("mlflow_run_id"), run_name=run_name)
+    else:
+        if not os.environ.get("WANDB_MODE") and not os.environ.get("WANDB_API_KEY"):
+            os.environ["WANDB_MODE"] = "offline"  # no account needed; `wandb sync RUN/wandb/...` uploads later
+        state.setdefault("wandb_id", uuid.uuid4().hex[:12])
+        tracker = tracking.WandBTracker(os.environ.get("WANDB_PROJECT", "distclm"), dir=str(run_dir),
+                                        id=state["wandb_id"], resume="allow", name=run_name)
+    tracker.start()
+    if name == "mlflow":
+        state["mlflow_run_id"] = tracker.active_run.info.run_id
+    return tracker
+
+
 class Trackers:
     """Rank 0's trackers; on other ranks (or with none asked for) every method does nothing."""
 
@@ -92,7 +117,7 @@ class Trackers:
             return
         fresh = "started" not in self.state
         for name in names:
-            tracker = engine.tracker(name, Path(run_dir), Path(run_dir).name, self.state)
+            tracker = start_tracker(name, Path(run_dir), Path(run_dir).name, self.state)
             if fresh:
                 tracker.store_init_configuration(hyperparameters(config))
             self.trackers.append(tracker)

@@ -17,30 +17,31 @@ from __future__ import annotations
 import dataclasses
 import json
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from distclm import dist
-from distclm.checkpoint import check_compatible, export_run, find_resume, load_checkpoint, needs_universal, read_meta
+from distclm.checkpoint import check_compatible, find_resume, load_checkpoint, needs_universal, read_meta
 from distclm.config import Config
 from distclm.console import TrainConsole
 from distclm.data import mixture
 from distclm.data.loader import BlockSampler, MixedBlocks, MixtureSampler
 from distclm.errors import UserError
-from distclm.loop import Loop, StopSignal, run_loop
+from distclm.export import export_run
+from distclm.loop import Loop, NonFinite, Preempted, StopSignal, run_loop
 from distclm.lora import apply_lora
 from distclm.loss import install
 from distclm.metrics import MetricsFile, ThroughputMeter, device_name, flops_per_token, peak_tflops_for
 from distclm.model import (
     ModelShape,
     build_model,
-    check_data_fits,
     load_config,
     load_model_tokenizer,
     matmul_parameters,
     parameter_counts,
 )
-from distclm.rundir import RunDir, claim_run_dir, open_data_verified
+from distclm.rundir import RunDir, claim_run_dir, open_data
 from distclm.straggler import SlowRankWatch
 from distclm.trackers import Trackers, parse_names
 
@@ -97,14 +98,10 @@ def for_world(cfg: Config, world: int) -> Config:
     return dataclasses.replace(cfg, train=dataclasses.replace(t, grad_accum=g // (m * world)))
 
 
-def open_data(cfg: Config, shape: ModelShape):
+def data_and_sampler(cfg: Config, shape: ModelShape):
     """The prepared folder(s), checked against the model and each other -> (readers, weights, train, sampler)."""
     t, world = cfg.train, dist.world_size()
-    readers = open_data_verified(cfg)
-    ws = mixture.weights(cfg, len(readers))
-    mixture.check_same_tokens(readers)
-    for reader in readers:
-        check_data_fits(shape, reader, f"--model.name={cfg.model.name}")
+    readers, ws = open_data(cfg, shape)
     splits = [r.split("train") for r in readers]
     if len(readers) == 1:
         train_blocks = splits[0]
@@ -126,7 +123,7 @@ def make_plan(cfg: Config) -> Plan:
                         "(gpt2-tiny, llama-tiny, ...)")
     parse_names(cfg.log.trackers)  # a tracker that is not installed: one line, before anything starts
     shape = ModelShape.of(load_config(cfg.model.name, cfg.model.trust_remote_code))
-    readers, ws, train_blocks, sampler = open_data(cfg, shape)
+    readers, ws, train_blocks, sampler = data_and_sampler(cfg, shape)
     identity = {"model": cfg.model.name, "data_fingerprint": mixture.fingerprint(readers, ws),
                 "global_batch": sampler.global_batch, "block_size": readers[0].block_size, "seed": t.seed,
                 "lora": dataclasses.asdict(cfg.lora) if cfg.lora.r else None}
@@ -229,3 +226,17 @@ def train(cfg: Config) -> dict:
     finally:
         stop.restore()
         engine.close() if engine is not None else dist.destroy()
+
+
+def train_command(inv) -> int:
+    """`distclm train`: 0 done; 143 stopped by SIGTERM after saving (retryable under Kubernetes restart policies);
+    1 stopped on non-finite losses."""
+    try:
+        train(inv.cfg)
+    except Preempted as exc:
+        print(f"distclm: {exc}", file=sys.stderr)
+        return 143  # 128 + SIGTERM
+    except NonFinite as exc:
+        print(f"distclm: error: {exc}", file=sys.stderr)
+        return 1
+    return 0

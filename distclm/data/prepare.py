@@ -52,7 +52,7 @@ def source_specs(cfg: Config) -> list[tuple[str | None, sources.SourceSpec]]:
                               d.join_with, d.txt_mode)
     if d.val_split is None:
         return [(None, base)]
-    if sources.is_local(d.source):
+    if sources.is_local_source(d.source):
         val = sources.SourceSpec(d.val_split, None, d.split, None, None, d.text_field, d.join_with, d.txt_mode)
     else:
         val = sources.SourceSpec(d.source, d.config, d.val_split, d.revision, None, d.text_field,
@@ -62,7 +62,7 @@ def source_specs(cfg: Config) -> list[tuple[str | None, sources.SourceSpec]]:
 
 def _input_identity(spec: sources.SourceSpec) -> list:
     """Local files and sizes (not mtimes or absolute paths: the manifest must not depend on them)."""
-    if spec.source == "pydoc" or not sources.is_local(spec.source):
+    if spec.source == "pydoc" or not sources.is_local_source(spec.source):
         return []
     files = sources.local_files(spec.source)
     return [[os.path.basename(f), os.path.getsize(f)] for f in files]
@@ -213,7 +213,7 @@ def prepare(cfg: Config, progress=None) -> Prepared:
     t0 = time.perf_counter()
     out = Path(d.dir)
     for _, spec in source_specs(cfg):  # fail on a missing file before loading the tokenizer
-        if sources.is_local(spec.source):
+        if sources.is_local_source(spec.source):
             sources.local_files(spec.source)
     tok = load_tokenizer(d.tokenizer, num_threads=1)
     if tok.max_length is not None and d.block_size > tok.max_length:
@@ -328,3 +328,26 @@ def _cleanup(out: Path) -> None:
             else:
                 p.unlink()
 
+
+
+def prepare_command(inv) -> int:
+    """`distclm prepare`: progress while it runs, then one summary line (docs -> tokens -> blocks, rate)."""
+    from distclm.console import PrepareProgress
+
+    cfg = inv.cfg
+    progress = PrepareProgress(interval_s=min(cfg.log.interval_s, 5.0), total_docs=cfg.data.max_docs)
+    try:
+        result = prepare(cfg, progress)
+    finally:
+        progress.close()
+    m = result.manifest
+    sp = m["splits"]
+    tokens = sum(s["n_tokens"] for s in sp.values())
+    if result.reused:
+        print(f"prepare: {cfg.data.dir} is complete with these settings; nothing to do (--overwrite to redo it)")
+    rate = "" if result.reused else \
+        f" in {result.seconds:.1f}s ({tokens / max(result.seconds, 1e-9) / 1e6:.2f}M tok/s, {result.backend})"
+    print(f"prepared {sum(s['n_docs'] for s in sp.values()):,} docs -> {tokens:,} tokens -> "
+          + ", ".join(f"{k} {s['n_blocks']:,} blocks" for k, s in sp.items())
+          + f" of {m['block_size']} ({m['dtype']}){rate} -> {cfg.data.dir}")
+    return 0

@@ -17,7 +17,8 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Iterator
 
-from distclm.errors import UserError
+from distclm.errors import UserError, first_line
+from distclm.hub import is_local
 
 LOCAL_EXTS = (".jsonl", ".json", ".parquet", ".txt")
 
@@ -41,13 +42,12 @@ def _ext(path: str) -> str:
     return os.path.splitext(base)[1].lower()
 
 
-def is_local(source: str) -> bool:
-    """A path, folder or glob on this machine (anything else is a hub dataset id)."""
+def is_local_source(source: str) -> bool:
+    """A path, folder or glob on this machine, or a name with a data file's extension (anything else is a hub
+    dataset id)."""
     if source == "pydoc":
         return False
-    if os.path.exists(source) or any(ch in source for ch in "*?[") or source.startswith((".", "/", "~")):
-        return True
-    return _ext(source) in LOCAL_EXTS
+    return is_local(source) or any(ch in source for ch in "*?[") or _ext(source) in LOCAL_EXTS
 
 
 def local_files(source: str) -> list[str]:
@@ -185,7 +185,7 @@ def _hub_records(spec: SourceSpec) -> Iterator[dict]:
         it = iter(ds)
         first = next(it, None)
     except Exception as exc:  # noqa: BLE001 - hub/network/builder errors all mean "cannot load it"
-        msg = (str(exc).splitlines() or [""])[0][:300] or type(exc).__name__
+        msg = first_line(exc)
         if not reachable:
             why = offline_hint("dataset", "--data.source")
         elif "script" in msg.lower() and spec.revision is None:
@@ -202,7 +202,7 @@ def records(spec: SourceSpec) -> Iterator[dict]:
     """Raw records of the source, in order (before text extraction)."""
     if spec.source == "pydoc":
         return _pydoc_records()
-    if is_local(spec.source):
+    if is_local_source(spec.source):
         files = local_files(spec.source)
         return (rec for f in files for rec in _read_local(f, spec.txt_mode))
     return _hub_records(spec)

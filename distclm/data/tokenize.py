@@ -20,7 +20,8 @@ from typing import Callable
 
 import numpy as np
 
-from distclm.errors import UserError
+from distclm.errors import UserError, first_line
+from distclm.hub import is_local
 
 VENDORED_GPT2 = Path(__file__).resolve().parent.parent / "assets" / "gpt2"
 # The GPT-2 pre-tokenizer pattern (tiktoken's r50k pattern, the one in openai/gpt-2's encoder.py).
@@ -127,7 +128,7 @@ def load_hf_tokenizer(spec: str):
         tok.model_max_length = 1024  # GPT-2's n_positions; the vendored files carry no tokenizer_config
         return tok, VENDORED_GPT2
     folder = Path(spec).expanduser()
-    local = spec.startswith((".", "/", "~")) or folder.exists()
+    local = is_local(spec)
     if local and not folder.is_dir():
         raise UserError(f"--data.tokenizer={spec}: no such folder")
     if not local:
@@ -137,7 +138,7 @@ def load_hf_tokenizer(spec: str):
     try:
         return _from_pretrained(str(folder) if local else spec), (folder if local else None)
     except Exception as exc:  # noqa: BLE001 - hub and file errors come in many types; all mean "not loadable"
-        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        first = first_line(exc, 200)
         if local:
             raise UserError(f"--data.tokenizer={spec}: cannot load a tokenizer from this folder ({first})") from None
         from distclm.hub import hub_reachable, offline_hint

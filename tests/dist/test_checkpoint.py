@@ -362,7 +362,7 @@ def test_export_refuses_empty_weights(tmp_path):
     """The size guard that the ZeRO-3 export runs after writing: placeholders instead of weights fail loudly."""
     from safetensors.torch import save_file
 
-    from distclm.export import check_full_weights
+    from distclm.hf_folder import check_full_weights
     from distclm.model import build_model
 
     model = build_model("gpt2-tiny", 0)

@@ -25,7 +25,7 @@ PROMPTS = ["The with statement", "A class definition creates a new local namespa
 def tiny_export(tmp_path_factory):
     from distclm import config
     from distclm.data.tokenize import load_hf_tokenizer
-    from distclm.export import write_generation_config
+    from distclm.hf_folder import write_generation_config
     from distclm.model import build_model
 
     out = tmp_path_factory.mktemp("tiny-export")

@@ -15,14 +15,15 @@ from pathlib import Path
 
 from distclm import dist
 from distclm.cli import parse
+from distclm.engine import full_numel
 from distclm.train import build_engine, make_plan
 
 cfg = parse(["train", *sys.argv[1:]]).cfg
 engine = build_engine(cfg, make_plan(cfg))
 params = list(engine.module.parameters())
 local = sum(p.data.numel() + (p.ds_tensor.numel() if hasattr(p, "ds_tensor") else 0) for p in params)
-total = sum(getattr(p, "ds_numel", p.numel()) for p in params)
-largest = max(getattr(p, "ds_numel", p.numel()) for p in params)
+total = sum(full_numel(p) for p in params)
+largest = max(full_numel(p) for p in params)
 zero = getattr(engine.model, "optimizer", None)
 masters = getattr(zero, "single_partition_of_fp32_groups", None) or getattr(zero, "fp32_partitioned_groups_flat", [])
 weights = {t.untyped_storage().data_ptr() for p in params for t in (p.data, getattr(p, "ds_tensor", p.data))}

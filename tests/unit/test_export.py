@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from distclm.export import ShardWriter, lazy_shard_tensors, write_generation_config, write_metadata, write_weights
+from distclm.hf_folder import ShardWriter, lazy_shard_tensors, write_generation_config, write_metadata, write_weights
 
 
 @pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])

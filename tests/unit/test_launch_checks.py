@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from distclm.dist import rendezvous_message
 from distclm.errors import UserError
 from distclm.launch_checks import (
     RankInfo,
@@ -12,7 +13,6 @@ from distclm.launch_checks import (
     launcher_node_count,
     missing_probes,
     rank_info,
-    rendezvous_message,
     shared_dir_message,
 )
 

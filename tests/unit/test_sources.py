@@ -107,7 +107,7 @@ def test_pydoc_is_the_sorted_topics():
     ("./data", True), ("/abs/x", True), ("data/*.jsonl", True), ("corpus.jsonl.gz", True),
 ])
 def test_is_local(source, local):
-    assert sources.is_local(source) is local
+    assert sources.is_local_source(source) is local
 
 
 def test_local_errors(tmp_path):

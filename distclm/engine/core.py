@@ -1,4 +1,4 @@
-"""The ONE module that imports accelerate and deepspeed: the process group, DDP or ZeRO, a step, state I/O.
+"""The Engine: the process group, DDP or ZeRO around the model, one optimizer step, state I/O.
 
 Everything else in distclm talks to an `Engine`:
 
@@ -17,13 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import io
 import json
 import math
 import os
-import uuid
 import warnings
-from argparse import Namespace
 from datetime import timedelta
 from pathlib import Path
 from typing import Iterator
@@ -42,13 +39,13 @@ warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.dist
 class Engine:
     """The model wrapped for the strategy, its optimizer and schedule, and the collectives around them."""
 
-    def __init__(self, t, stage: int | None, ds: dict | None, accelerator, training: bool):
+    def __init__(self, t, stage: int | None, ds: dict | None, accelerator, training: bool, module=None):
         self.t, self.stage, self.ds, self.accelerator, self.training = t, stage, ds, accelerator, training
         self.world, self.rank = dist.world_size(), dist.rank()
         self.is_main = self.rank == 0
-        own = torch.device("cuda", dist.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
-        self.device = accelerator.device if accelerator is not None else own
-        self.model = self.module = self.optimizer = self.scheduler = None
+        self.device = accelerator.device if accelerator is not None else dist.device()
+        self.model = self.module = module
+        self.optimizer = self.scheduler = None
         self.loss = "the model's own"  # which loss the model computes (loss.install), for the console
         self._zero3_config = None
         if stage == 3:
@@ -125,6 +122,23 @@ class Engine:
             for p in (head.weight, head.bias):
                 if p is not None:
                     deepspeed.zero.register_external_parameter(hf, p)
+
+    # -- what callers may ask ------------------------------------------------------------------
+
+    @property
+    def strategy(self) -> str:
+        """--train.strategy: ddp | zero1 | zero2 | zero3 (ddp for an offline engine)."""
+        return self.t.strategy if self.t is not None else "ddp"
+
+    @property
+    def ds_config(self) -> dict | None:
+        """The resolved DeepSpeed config (no "auto" left), or None without DeepSpeed."""
+        return self.ds
+
+    @property
+    def weights_partitioned(self) -> bool:
+        """ZeRO-3: each rank holds a slice of every parameter; the full weights exist only when gathered."""
+        return self.stage == 3
 
     @property
     def forward_is_collective(self) -> bool:
@@ -296,59 +310,16 @@ class Engine:
             if torch.is_tensor(state.get("step")):
                 state["step"] = state["step"].clone()
 
-    def tracker(self, name: str, run_dir: Path, run_name: str, state: dict):
-        """One of accelerate's trackers, started (rank 0). `state` (RUN/trackers.json) keeps its run id: a resumed
-        run continues the same MLflow / wandb run; TensorBoard continues in the same folder."""
-        from accelerate import tracking
 
-        if name == "tensorboard":
-            tracker = tracking.TensorBoardTracker("tensorboard", str(run_dir))
-        elif name == "mlflow":
-            if not os.environ.get("MLFLOW_TRACKING_URI"):  # a file store in the run dir (MLflow 3 wants it asked for)
-                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-                os.environ["MLFLOW_TRACKING_URI"] = (run_dir.resolve() / "mlruns").as_uri()
-            tracker = tracking.MLflowTracker("distclm", run_id=state.get("mlflow_run_id"), run_name=run_name)
-        else:
-            if not os.environ.get("WANDB_MODE") and not os.environ.get("WANDB_API_KEY"):
-                os.environ["WANDB_MODE"] = "offline"  # no account needed; `wandb sync RUN/wandb/...` uploads later
-            state.setdefault("wandb_id", uuid.uuid4().hex[:12])
-            tracker = tracking.WandBTracker(os.environ.get("WANDB_PROJECT", "distclm"), dir=str(run_dir),
-                                            id=state["wandb_id"], resume="allow", name=run_name)
-        tracker.start()
-        if name == "mlflow":
-            state["mlflow_run_id"] = tracker.active_run.info.run_id
-        return tracker
+def offline(module) -> Engine:
+    """One process, no process group, nothing wrapped: to read a rebuilt model's state (`distclm export`)."""
+    return Engine(None, None, None, None, training=False, module=module)
 
-    @classmethod
-    def offline(cls, module) -> "Engine":
-        """One process, no process group, nothing wrapped: to read a rebuilt model's state (`distclm export`)."""
-        engine = cls.__new__(cls)
-        engine.stage, engine.ds, engine.world, engine.rank, engine.is_main = None, None, 1, 0, True
-        engine.model = engine.module = module
-        return engine
 
-    @staticmethod
-    def to_universal(src: Path, dst: Path) -> None:
-        """ZeRO shards (one tag folder) -> a DeepSpeed universal checkpoint that any world size loads. In this process,
-        one worker (its pool would fork a process holding a process group); inject_missing_state: for stage 1/2."""
-        from deepspeed.checkpoint import ds_to_universal
-
-        args = Namespace(input_folder=str(src), output_folder=str(dst), num_extract_workers=1, num_merge_workers=1,
-                         keep_temp_folder=False, strict=True, inject_missing_state=True)
-        log = io.StringIO()
-        try:
-            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-                ds_to_universal.main(args)
-        except Exception as exc:
-            raise RuntimeError(f"DeepSpeed's ds_to_universal failed on {src}: {exc}\n{log.getvalue()[-4000:]}") from exc
-
-    @staticmethod
-    def zero_shards_state_dict(folder: Path) -> dict:
-        """A ZeRO checkpoint's fp32 weights as lazy tensors (`.contiguous()` reads one), files memory-mapped."""
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        with contextlib.redirect_stdout(None):
-            return get_fp32_state_dict_from_zero_checkpoint(str(folder / "deepspeed"), tag="state", lazy_mode=True)
+def full_numel(p: torch.Tensor) -> int:
+    """A parameter's full element count: under ZeRO-3 its data is this rank's slice and DeepSpeed keeps the whole
+    size in `ds_numel`."""
+    return getattr(p, "ds_numel", p.numel())
 
 
 def _share_fp32_partitions(zero) -> None:
@@ -366,25 +337,6 @@ def _share_fp32_partitions(zero) -> None:
             master.data = weights.data
     if not stage3:
         zero._link_all_hp_params()
-
-
-def deepspeed_ops(cache: str) -> tuple[str, list[tuple[str, str, str, str]]]:
-    """(accelerator, [(op, prebuilt, can JIT-build, built in `cache`)]) as DeepSpeed sees this machine (doctor)."""
-    try:
-        from deepspeed.git_version_info import accelerator_name, installed_ops
-        from deepspeed.ops.op_builder.all_ops import ALL_OPS
-        from deepspeed.ops.op_builder.builder import probe_is_compatible
-    except Exception as exc:  # not installed, or broken: say so instead of failing the whole report
-        return f"unavailable ({type(exc).__name__}: {exc})", []
-    rows = []
-    for name, builder in sorted(ALL_OPS.items()):
-        if name == "deepspeed_not_implemented":
-            continue
-        so = os.path.join(cache, builder.name, f"{builder.name}.so")
-        rows.append((name, "yes" if installed_ops.get(name) else "no",
-                     "yes" if probe_is_compatible(builder, False) else "no",
-                     "built" if os.path.exists(so) else "-"))
-    return accelerator_name or "(not recorded at install)", rows
 
 
 def _accelerator(t, ds: dict | None, precision: str):

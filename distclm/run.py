@@ -25,20 +25,19 @@ def default_nproc() -> int:
 
 def check_reachable(cfg) -> None:
     """Offline with a hub dataset or model: fail at once, saying how to use local copies of both."""
-    from distclm.data.sources import is_local
-    from distclm.hub import ensure_offline_if_unreachable
+    from distclm.data.sources import is_local_source
+    from distclm.hub import ensure_offline_if_unreachable, is_local
     from distclm.model import ARCH_PRESETS
-    from distclm.model import is_local as model_is_local
 
     needs = []  # (what, how to fetch it elsewhere, the flag that points at the copy)
     data_ready = (Path(cfg.data.dir or "") / "manifest.json").exists()  # prepare will reuse it
-    if cfg.data.source and cfg.data.source != "pydoc" and not is_local(cfg.data.source) and not data_ready:
+    if cfg.data.source and cfg.data.source != "pydoc" and not is_local_source(cfg.data.source) and not data_ready:
         rev = f" --revision {cfg.data.revision}" if cfg.data.revision else ""
         needs.append((f"dataset {cfg.data.source}",
                       f"hf download {cfg.data.source} --repo-type dataset{rev} --local-dir DATA",
                       f"--data.source=DATA/... (the folder of its {cfg.data.split} split's files; "
                       f"same --data.text_field={cfg.data.text_field})"))
-    if cfg.model.name and cfg.model.name not in ARCH_PRESETS and not model_is_local(cfg.model.name):
+    if cfg.model.name and cfg.model.name not in ARCH_PRESETS and not is_local(cfg.model.name):
         needs.append((f"model {cfg.model.name}", f"hf download {cfg.model.name} --local-dir MODEL",
                       "--model.name=MODEL"))
     if not needs or ensure_offline_if_unreachable():
@@ -76,22 +75,21 @@ def train_in_children(cfg, nproc: int) -> None:
 
 def perplexity_of(model_name: str, cfg, seed: int = 0) -> dict:
     """One-process eval of a model on the validation split (`seed`: the init of a preset model)."""
-    import torch
-
     from distclm.data.blocks import BlockReader
+    from distclm.dist import device
     from distclm.evaluation import evaluate
     from distclm.model import build_model
 
     model = build_model(model_name, seed, cfg.model.trust_remote_code)
     reader = BlockReader(cfg.data.dir)
-    return evaluate(model, reader.split(cfg.eval.split), cfg.eval.batch_size, torch.device("cpu")
-                    if not torch.cuda.is_available() else torch.device("cuda"))
+    return evaluate(model, reader.split(cfg.eval.split), cfg.eval.batch_size, device())
 
 
-def run_all(cfg, argv: list[str] | None = None) -> int:
+def run_command(inv) -> int:
+    cfg = inv.cfg
     from distclm.console import PrepareProgress
     from distclm.data.prepare import prepare
-    from distclm.generate import quiet_loading
+    from distclm.model import quiet_loading
     from distclm.rundir import default_run_dir
 
     check_reachable(cfg)
