@@ -1,11 +1,12 @@
-# The README's two commands: `make demo` and `make test`. Both set up .venv first when needed.
+# The README's two commands: `make demo` and `make test` (+ `make test-fast` while developing). All set up .venv
+# first when needed.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 # DeepSpeed JIT-builds its C++ ops on first use (~1 min on 2 cores): keep them across runs.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/distclm/torch_extensions
 
-.PHONY: setup demo test test-all bench lint clean
+.PHONY: setup demo test test-fast test-all bench lint clean
 
 setup: $(STAMP)
 
@@ -20,10 +21,16 @@ demo: setup
 	$(VENV)/bin/distclm run --preset=demo
 
 # CI's tier: every guarantee on at least one strategy, preset and launcher (the `extended` variants are left to
-# test-all, which runs everything; see README "Tests").
+# test-all, which runs everything; the tiers: tests/README.md).
 test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q --durations=30 -m "not extended" tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; fi; exit $$rc
+
+# The developer's tier: every single-process test that is quick (unit, deploy, most of e2e), about a minute;
+# the multi-process ones are marked `slow` (tests/conftest.py).
+test-fast: setup
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q --durations=10 -m "not slow and not extended" tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test-fast: no tests were collected" >&2; fi; exit $$rc
 
 test-all: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests; rc=$$?; \

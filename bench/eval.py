@@ -1,6 +1,6 @@
 """Evaluation: distclm's token-weighted eval vs `transformers.Trainer.evaluate`, and eval vs training speed.
 
-    python bench/eval.py [--steps 20] [--fresh]
+    python bench/eval.py [--steps 120] [--fresh]
 
 Data: the embedded pydoc corpus, block 128, a validation fraction picked so the validation split has an
 odd number of blocks (uneven over 2 processes). Model: gpt2-tiny trained --steps steps at lr 1e-3 by

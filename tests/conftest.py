@@ -14,9 +14,22 @@ import torch
 from tests.support.cli import Result, run_cli
 from tests.support.data import BIG_ARGS, PYDOC_ARGS, pydoc_texts, write_jsonl
 from tests.support.env import offline
-from tests.support.runs import SharedRuns
+from tests.support.runs import SHARED, SharedRuns
 
 offline()
+
+# The tiers (tests/README.md): `make test-fast` runs `-m "not slow and not extended"`. Every test in these folders
+# starts several processes (torchrun/gloo, two network namespaces), so the folder marks it slow; a slow test
+# elsewhere (tests/e2e, tests/deploy) carries `@pytest.mark.slow` itself.
+SLOW_FOLDERS = ("dist", "multinode")
+TESTS = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = Path(str(item.fspath)).resolve()
+        if path.is_relative_to(TESTS) and path.relative_to(TESTS).parts[0] in SLOW_FOLDERS:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture
@@ -85,34 +98,7 @@ def pydoc_blocks(tmp_path_factory) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# Training runs read by several tests, by name (tests/support/runs.py: SharedRuns)
-
-# 6 steps, global batch 8 blocks of 64 tokens; lr high enough that the weights move visibly.
-EQUIV = ("--train.max_steps=6", "--train.lr=1e-3", "--train.warmup_steps=2", "--train.seed=3", "--eval.max_blocks=16")
-# The world-size parity runs: a GPT-2 with dropout 0.1 (as DistilGPT2) and attention within documents, so
-# that 1 vs 2 processes and every ZeRO stage are compared with both on.
-PARITY = (*EQUIV, "--model.name={dropout_gpt2}", "--train.doc_attention=within")
-# 20 steps, checkpoint at 10 and 20, block ids logged: the reference of every resume test.
-CKPT = ("--train.max_steps=20", "--train.lr=1e-3", "--train.warmup_steps=5", "--train.seed=3",
-        "--train.save_every=10", "--log.block_ids=true", "--eval.max_blocks=16")
-TWO, ONE = ("--train.micro_batch_size=4",), ("--train.micro_batch_size=8",)  # global batch 8 on 2 and on 1 process
-
-SHARED = {
-    "equiv-1proc": (1, (*EQUIV, *ONE)),
-    "equiv-1proc-accum2": (1, (*PARITY, "--train.micro_batch_size=4", "--train.grad_accum=2")),
-    "equiv-ddp-2proc": (2, (*PARITY, *TWO)),
-    **{f"equiv-{s}-2proc": (2, (*PARITY, *TWO, f"--train.strategy={s}")) for s in ("zero1", "zero2", "zero3")},
-    **{f"equiv-{s}-offload-2proc": (2, (*PARITY, *TWO, f"--train.strategy={s}", "--train.offload=optimizer"))
-       for s in ("zero2", "zero3")},
-    "equiv-1proc-act-ckpt": (1, (*EQUIV, *ONE, "--train.activation_checkpointing=true")),
-    "equiv-1proc-compile": (1, (*EQUIV, *ONE, "--train.compile=true")),
-    **{f"ckpt-{s}-2proc": (2, (*CKPT, *TWO, f"--train.strategy={s}")) for s in ("ddp", "zero2", "zero3")},
-    "faults-1proc-30": (1, ("--train.micro_batch_size=4", "--train.lr=1e-3", "--train.seed=3",
-                            "--log.interval_s=1000", "--train.max_steps=30", "--eval.max_blocks=16")),
-    "launch-torchrun-ddp": (2, ("--train.max_steps=3", "--train.micro_batch_size=4", "--train.lr=1e-3",
-                                "--train.seed=3", "--eval.max_blocks=16")),
-}
-
+# Training runs read by several tests, by name (their table: tests/support/runs.py SHARED)
 
 @pytest.fixture(scope="session")
 def dropout_gpt2(tmp_path_factory) -> Path:

@@ -10,10 +10,13 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import pytest
+
 from tests.support.cli import free_port
 from tests.support.env import LAUNCHER_VARS, REPO
 
 
+@pytest.mark.slow  # two training processes under torchrun
 def test_wheel_in_a_fresh_venv_trains_zero2_on_two_processes(tmp_path, pydoc_blocks):
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels),

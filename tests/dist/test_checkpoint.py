@@ -5,7 +5,7 @@
 schedule is defined by the total steps, so stopping by a shorter --train.max_steps would be another run.
 
 Reference runs (2 processes, micro 4, global batch 8, 20 steps, save every 10) are the named shared runs
-"ckpt-{ddp,zero2,zero3}-2proc" (tests/conftest.py); everything else is a short continuation of them.
+"ckpt-{ddp,zero2,zero3}-2proc" (tests/support/runs.py SHARED); everything else is a short continuation of them.
 """
 
 from __future__ import annotations
@@ -25,11 +25,10 @@ from safetensors.torch import load_file
 
 
 from distclm.checkpoint import COMPLETE, complete_checkpoints, find_resume, prune
-from tests.conftest import CKPT, ONE, TWO
 from tests.support.env import REPO, child_env
-from tests.support.runs import block_ids, read_metrics, train
+from tests.support.runs import CKPT, ONE, TWO, block_ids, read_metrics, train
 
-STEPS = 20  # the "ckpt-*" shared runs (tests/conftest.py): 2 processes x micro 4, checkpoints at 10 and 20
+STEPS = 20  # the "ckpt-*" shared runs (tests/support/runs.py): 2 processes x micro 4, checkpoints at 10 and 20
 
 
 def straight(shared, strategy: str) -> Path:

@@ -21,20 +21,19 @@ import torch
 
 from tests.support.cli import run_cli
 from tests.support.env import child_env
-from tests.support.runs import read_metrics, train, weights
+from tests.support.runs import ONE, TWO, read_metrics, train, weights
 
 LORA = ("--lora.r=8", "--train.max_steps=20", "--train.lr=1e-2", "--train.warmup_steps=2", "--train.seed=3",
         "--train.save_every=10", "--eval.max_blocks=32", "--eval.batch_size=16")
-TWO, ONE = "--train.micro_batch_size=4", "--train.micro_batch_size=8"
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, pydoc_blocks):
     root = tmp_path_factory.mktemp("lora")
-    train(2, root / "ddp-2", pydoc_blocks, *LORA, TWO)
-    train(2, root / "zero3-2", pydoc_blocks, *LORA, TWO, "--train.strategy=zero3")
+    train(2, root / "ddp-2", pydoc_blocks, *LORA, *TWO)
+    train(2, root / "zero3-2", pydoc_blocks, *LORA, *TWO, "--train.strategy=zero3")
     args = [f"--data.dir={pydoc_blocks}", "--model.name=gpt2-tiny", f"--run.dir={root / 'sigterm'}",
-            "--log.every_steps=1", *LORA, TWO]
+            "--log.every_steps=1", *LORA, *TWO]
     stopped = run_cli("train", *args, nproc=2, env=child_env(hooks={"DISTCLM_TEST_SIGTERM_AT_STEP": "10"}))
     assert re.search(r"exitcode\s*:\s*143", stopped.err), stopped.err[-3000:]  # torchrun reports the worker's 143
     resumed = run_cli("train", *args, nproc=2, check=True)
@@ -79,7 +78,7 @@ def test_sigterm_at_step_10_then_resume_is_exact(runs):
 @pytest.mark.extended
 def test_resume_onto_another_world_size(runs, pydoc_blocks):
     root, _, _ = runs
-    train(1, root / "zero3-1", pydoc_blocks, *LORA, ONE, "--train.strategy=zero3",
+    train(1, root / "zero3-1", pydoc_blocks, *LORA, *ONE, "--train.strategy=zero3",
           f"--run.resume={root / 'zero3-2' / 'checkpoints' / 'step-10'}")
     np.testing.assert_allclose(losses(root / "zero3-1", range(11, 21)), losses(root / "zero3-2", range(11, 21)),
                                rtol=0, atol=1e-5)
@@ -130,7 +129,7 @@ def test_lora_on_every_architecture_preset_with_zero2(tmp_path, pydoc_blocks, pr
     from transformers import pipeline
 
     run = tmp_path / "run"
-    train(2, run, pydoc_blocks, "--lora.r=4", "--train.max_steps=3", "--train.strategy=zero2", TWO,
+    train(2, run, pydoc_blocks, "--lora.r=4", "--train.max_steps=3", "--train.strategy=zero2", *TWO,
           "--eval.max_blocks=8", model=preset)
     adapter = weights(run / "export" / "adapter")
     assert adapter and all(float(t.abs().max()) > 0 for t in adapter.values())

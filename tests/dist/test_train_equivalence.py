@@ -1,7 +1,7 @@
 """Per-step losses of distclm against a plain PyTorch loop, across world sizes and ZeRO stages (fp32, CPU, gloo).
 
 The world-size and ZeRO-stage comparisons run a GPT-2 with dropout 0.1 and attention within documents
-(tests/conftest.py PARITY): dropout's random stream follows the data's place in the global batch, not the
+(tests/support/runs.py PARITY): dropout's random stream follows the data's place in the global batch, not the
 rank, so 1 process with accumulation and 2 processes draw the same masks.
 """
 
@@ -17,7 +17,7 @@ from distclm.data.blocks import BlockReader
 from distclm.model import build_model
 from tests.support.runs import read_metrics
 
-STEPS = 6  # the "equiv-*" shared runs (tests/conftest.py): 6 steps, global batch 8 blocks of 64 tokens
+STEPS = 6  # the "equiv-*" shared runs (tests/support/runs.py): 6 steps, global batch 8 blocks of 64 tokens
 
 
 def losses(run_dir) -> list[float]:

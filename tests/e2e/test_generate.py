@@ -138,6 +138,7 @@ def test_eli5_preset_through_the_real_probe_fails_fast(tmp_path):
     assert time.perf_counter() - t0 < 20
 
 
+@pytest.mark.slow  # the whole demo on two processes (~25 s)
 def test_run_demo_prepares_trains_evaluates_exports_and_samples(tmp_path):
     """`distclm run` with training on 2 processes (torchrun), shrunk to 50 train blocks and 4 steps (DDP: the
     ZeRO paths are the train tests' business); then the same command again, as `make demo` twice would."""
