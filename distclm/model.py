@@ -174,7 +174,7 @@ def build_model(name: str, seed: int, trust_remote_code: bool = False, dtype=Non
         try:
             model = AutoModelForCausalLM.from_pretrained(source, attn_implementation="sdpa", **kwargs)
         except ValueError as exc:  # an architecture without SDPA support: its default attention
-            if "sdpa" not in str(exc).lower():
+            if not any(w in str(exc).lower() for w in ("sdpa", "scaled_dot_product_attention")):
                 raise
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except UserError:
