@@ -195,7 +195,9 @@ def finish(loop: Loop, summary: dict) -> dict:
     e.drop_optimizer_state()  # the last checkpoint holds it
     export_run(loop.run.path, engine=e)
     trainable, total = parameter_counts(e.module)
-    summary = {**summary, "params": {"trainable": trainable, "total": total}}
+    inactive = inactive_parameters(e.module, top_k(e.module.config))  # a mixture of experts: per token, fewer
+    summary = {**summary, "params": {"trainable": trainable, "total": total,
+                                     **({"active": total - inactive} if inactive else {})}}
     if e.is_main:
         (loop.run.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         plot_curves(loop.run.metrics, loop.run.path / "curves.png")

@@ -55,7 +55,7 @@ def test_zero3_on_two_processes_equals_ddp_on_one(runs):
     np.testing.assert_allclose(zero3, ddp, rtol=0, atol=1e-4)
     if preset in MOE:  # the routers' balancing loss is in the objective, and the load of every expert is shown
         recs = read_metrics(root / "zero3-2")
-        assert all(1.0 < recs[s]["aux_loss"] < 4.0 and 0.25 <= recs[s]["experts"]["max_share"] < 0.5 for s in recs)
+        assert all(1.0 < recs[s]["aux_loss"] < 4.0 and 0.25 <= recs[s]["experts"]["max_share"] <= 0.5 for s in recs)
         np.testing.assert_allclose([recs[s]["aux_loss"] for s in recs],
                                    [read_metrics(root / "ddp-1")[s]["aux_loss"] for s in recs], rtol=0, atol=1e-4)
 

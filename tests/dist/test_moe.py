@@ -71,7 +71,8 @@ def test_zero3_with_separate_experts_matches_ddp(runs, pydoc_blocks):
 @pytest.mark.extended  # ~45 s
 def test_without_leaf_marking_the_same_run_hangs(tmp_path, pydoc_blocks, toy):
     args = [f"--data.dir={pydoc_blocks}", f"--model.name={toy}", f"--run.dir={tmp_path / 'hang'}", *COMMON,
-            "--train.strategy=zero3", "--train.z3_leaf_modules=none", "--train.dist_timeout_s=20"]
+            "--train.strategy=zero3", "--train.z3_leaf_modules=none", "--train.dist_timeout_s=20",
+            "--log.every_steps=1"]
     t0 = time.monotonic()
     proc = subprocess.Popen(command("train", args, 2), env=TOY, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -84,3 +85,20 @@ def test_without_leaf_marking_the_same_run_hangs(tmp_path, pydoc_blocks, toy):
     assert "collective mismatch" in err or "timed out" in err.lower(), err[-4000:]
     done = max(read_metrics(tmp_path / "hang"), default=0)
     assert done + 1 == min(routes_apart(tmp_path / "hang", pydoc_blocks))  # it stopped where the ranks parted
+
+
+def test_a_collapse_shows_in_the_expert_load_console_and_curves(runs, tmp_path, pydoc_blocks):
+    """The same toy with every router pushed onto expert 0 (a bias of +8 on its logit, 1 expert per token) against
+    the balanced runs above: max_share ~1 and 3 idle experts per layer, in metrics.jsonl, the console and curves.png."""
+    from PIL import Image
+
+    root, _ = runs
+    toy_moe.save(tmp_path / "collapsed", seed=1, num_experts_per_tok=1, router_bias=[8.0, 0.0, 0.0, 0.0])
+    r = train(1, tmp_path / "run", pydoc_blocks, "--train.max_steps=3", "--train.micro_batch_size=2",
+              "--eval.max_blocks=8", model=str(tmp_path / "collapsed"), env=TOY)
+    collapsed, normal = read_metrics(tmp_path / "run"), read_metrics(root / "ddp-1")
+    assert all(c["experts"]["max_share"] > 0.97 and c["experts"]["idle"] == 2 * 3 for c in collapsed.values())
+    assert all(n["experts"]["max_share"] < 0.5 and n["experts"]["idle"] == 0 for n in normal.values())
+    assert min(c["aux_loss"] for c in collapsed.values()) > 3.5 > 2.0 > max(n["aux_loss"] for n in normal.values())
+    assert "experts max_share 1.00 idle 6" in r.out or "experts max_share 0.99 idle 6" in r.out
+    assert Image.open(tmp_path / "run" / "curves.png").size[0] == 1500  # the third panel: the experts' load
