@@ -44,7 +44,9 @@ def _experts(ax, steps: list, train: dict) -> None:
         ax.plot(*zip(*aux), label="aux loss")
     ax.set_xlabel("step")
     ax.set_ylim(bottom=0)
-    idle = ax.twinx()
-    idle.plot(steps, [train[s]["experts"]["idle"] for s in steps], "r:", label="idle experts")
+    idle = ax.twinx()  # a count, on its own axis from 0
+    idle.plot(steps, [train[s]["experts"]["idle"] for s in steps], "r:", label="idle (layer, expert) pairs")
+    idle.set_ylim(bottom=0, top=max(1, *(train[s]["experts"]["idle"] for s in steps)) * 1.1)
     idle.set_ylabel("idle (layer, expert) pairs")
-    ax.legend(loc="upper left")
+    lines = ax.get_legend_handles_labels(), idle.get_legend_handles_labels()
+    ax.legend(lines[0][0] + lines[1][0], lines[0][1] + lines[1][1], loc="center left")
