@@ -95,6 +95,7 @@ class TrainConsole:
         self._live = None
         self._smoothed = None
         self.last_eval: dict | None = None
+        self._load = "-"  # a mixture of experts: the expert load of the latest log step
 
     def start(self) -> None:
         if self.enabled and self.tty:
@@ -122,7 +123,7 @@ class TrainConsole:
             ("grad norm", f"{r.get('grad_norm', 0):.3f}", "memory", human(r.get("mem_bytes") or 0, "B"),
              "elapsed", _fmt_eta(r.get("elapsed_s")), "ETA", _fmt_eta(r.get("eta_s"))),
             ("eval ppl", f"{ev['eval_perplexity']:.2f}" if ev else "-", "eval loss",
-             f"{ev['eval_loss']:.4f}" if ev else "-", "", "", "", ""),
+             f"{ev['eval_loss']:.4f}" if ev else "-", *self._experts(r, ("aux loss", "experts"))),
         ]
         for row in rows:
             grid.add_row(*row)
@@ -144,12 +145,21 @@ class TrainConsole:
             self._last_print = now
             mfu = record.get("mfu")
             ev = f" eval_ppl {self.last_eval['eval_perplexity']:.2f}" if self.last_eval else ""
+            moe = " ".join(("", *self._experts(record, ("aux", "experts")))).rstrip()
             print(f"step {record['step']}/{self.total_steps} epoch {record['epoch']:.2f} "
                   f"loss {record['loss']:.4f} lr {record['lr']:.2e} grad_norm {record['grad_norm']:.3f} "
                   f"tok/s {human(record.get('tokens_per_s') or 0)} "
                   f"({human(record.get('tokens_per_s_per_device') or 0)}/dev) "
                   f"mfu {'n/a' if mfu is None else f'{mfu:.1%}'} mem {human(record.get('mem_bytes') or 0, 'B')} "
-                  f"elapsed {_fmt_eta(record.get('elapsed_s'))} eta {_fmt_eta(record.get('eta_s'))}{ev}", flush=True)
+                  f"elapsed {_fmt_eta(record.get('elapsed_s'))} eta {_fmt_eta(record.get('eta_s'))}{ev}{moe}", flush=True)
+
+    def _experts(self, r: dict, names: tuple[str, str]) -> tuple[str, str, str, str]:
+        """A mixture of experts: (name, aux loss, name, the latest expert load); blank for other models."""
+        if r.get("experts"):
+            self._load = f"max_share {r['experts']['max_share']:.2f} idle {r['experts']['idle']}"
+        if r.get("aux_loss") is None:
+            return "", "", "", ""
+        return names[0], f"{r['aux_loss']:.4f}", names[1], self._load
 
     def eval(self, record: dict) -> None:
         self.last_eval = record

@@ -6,6 +6,8 @@ Each rank takes a disjoint contiguous slice of the split's blocks (no padding, n
     global_loss = sum_ranks(sum of token NLL) / sum_ranks(predicted tokens)      (float64, one all-reduce)
     perplexity  = exp(global_loss)
 
+The loss is the cross-entropy alone: a mixture of experts' own loss, given labels, also
+holds its routers' balancing loss (training keeps it, loss.py); the NLL sums here never include it.
 Every block predicts block_size - 1 tokens. Only running sums are kept: memory does not grow with
 the split. Under ZeRO-3 every forward is collective, so a rank with a shorter slice runs extra
 forwards on a block it does not count.

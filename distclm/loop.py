@@ -1,7 +1,8 @@
 """The training loop, in small named steps.
 
     for each optimizer step: this rank's blocks (sampler) -> accumulation of micro-batches (forward,
-    backward) -> optimizer step -> one all-reduce (loss, stop flag) -> log -> eval -> checkpoint
+    backward) -> optimizer step -> one all-reduce (loss, stop flag; MoE: aux loss, and at a log step the
+    interval's expert counts) -> log -> eval -> checkpoint
 
 Loss reported per step: the mean over all ranks and micro-batches. Every block predicts the same number
 of tokens (block_size - 1), so this mean is the token-weighted mean of the global batch.
@@ -28,7 +29,7 @@ from distclm import dist
 from distclm.checkpoint import complete_checkpoints, save_checkpoint, step_of
 from distclm.config import Config
 from distclm.console import TrainConsole
-from distclm.loss import mean_loss
+from distclm.loss import objective
 from distclm.metrics import MetricsFile, ThroughputMeter, memory_bytes
 from distclm.rundir import RunDir
 from distclm.straggler import SlowRankWatch, StepTimes, summary
@@ -76,6 +77,7 @@ class Loop:
     trackers: Trackers
     meter: ThroughputMeter
     watch: SlowRankWatch | None = None  # rank 0: names slow ranks (straggler.py)
+    routers: object = None  # moe.RouterStats of a mixture-of-experts model, else None
     times: StepTimes = field(default_factory=StepTimes)
     start_step: int = 0
     losses: list = field(default_factory=list)
@@ -98,13 +100,17 @@ def micro_batches(blocks, ids: np.ndarray, device: torch.device) -> torch.Tensor
     return torch.from_numpy(x).to(device, non_blocking=True)
 
 
-def forward_loss(model, x: torch.Tensor, eos: int | None) -> torch.Tensor:
-    """Mean next-token loss of a micro-batch (B, T) (`eos`: attention within documents; loss.py)."""
-    return mean_loss(model, x, eos)
+def forward_loss(model, x: torch.Tensor, eos: int | None, routers=None) -> torch.Tensor:
+    """The training objective of a micro-batch (B, T) (`eos`: attention within documents; loss.py); `routers`
+    (moe.RouterStats) takes note of the model's aux loss and routing."""
+    out = objective(model, x, eos)
+    if routers is not None:
+        routers.add(out)
+    return out.loss
 
 
 def train_step(engine, x: torch.Tensor, step: int, seed: int, times: StepTimes,
-               eos: int | None = None) -> tuple[torch.Tensor, float]:
+               eos: int | None = None, routers=None) -> tuple[torch.Tensor, float]:
     """Optimizer step `step` (1-based) over this rank's (accum, micro, T) tokens -> (mean loss, grad norm).
 
     A non-finite gradient norm means the update was skipped (Engine.optimizer_step).
@@ -115,7 +121,7 @@ def train_step(engine, x: torch.Tensor, step: int, seed: int, times: StepTimes,
     for k, micro in enumerate(x):
         torch.manual_seed(micro_seed(seed, step, k * engine.world + engine.rank))  # [accum][world] layout
         with engine.micro_batch(last=k == accum - 1):
-            loss = forward_loss(engine.model, micro, eos)
+            loss = forward_loss(engine.model, micro, eos, routers)
             engine.backward(loss)
         total += loss.detach().double()
     t1 = time.perf_counter()
@@ -124,12 +130,15 @@ def train_step(engine, x: torch.Tensor, step: int, seed: int, times: StepTimes,
     return total / accum, grad_norm
 
 
-def agree(loss_local: torch.Tensor, stop_local: bool) -> tuple[float, bool]:
-    """One all-reduce per step: the mean loss over ranks, and whether any rank was asked to stop."""
-    v = torch.stack([loss_local.reshape(()).double(),
-                     torch.tensor(float(stop_local), dtype=torch.float64, device=loss_local.device)])
+def agree(loss_local: torch.Tensor, stop_local: bool,
+          extra: torch.Tensor | None = None) -> tuple[float, bool, torch.Tensor | None]:
+    """One all-reduce per step: the mean loss over ranks, whether any rank was asked to stop, and `extra`
+    (float64, the same length on every rank) summed over ranks."""
+    v = torch.cat([loss_local.reshape(1).double(),
+                   torch.tensor([float(stop_local)], dtype=torch.float64, device=loss_local.device)] +
+                  ([extra.to(loss_local.device)] if extra is not None else []))
     dist.all_reduce_sum(v)
-    return float(v[0].item()) / dist.world_size(), bool(v[1].item() > 0)
+    return float(v[0].item()) / dist.world_size(), bool(v[1].item() > 0), v[2:] if extra is not None else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,7 +162,7 @@ def should_log(loop: Loop, step: int) -> bool:
     return step == loop.start_step + 1 or step == loop.plan.total_steps or (every > 0 and step % every == 0)
 
 
-def log_step(loop: Loop, done: int, loss: float, lr: float, grad_norm: float, t0: float) -> dict:
+def log_step(loop: Loop, done: int, loss: float, lr: float, grad_norm: float, t0: float, moe: dict) -> dict:
     """metrics.jsonl record (every --log.every_steps) and the console line/panel of one step."""
     sampler, world = loop.plan.sampler, dist.world_size()
     loop.meter.update(sampler.global_batch * loop.plan.block_size)
@@ -163,7 +172,7 @@ def log_step(loop: Loop, done: int, loss: float, lr: float, grad_norm: float, t0
               "loss": loss if math.isfinite(loss) else None, "lr": lr,
               "grad_norm": grad_norm if math.isfinite(grad_norm) else None, "tokens_per_s": tps,
               "tokens_per_s_per_device": tps / world if tps else None, "mfu": loop.meter.mfu,
-              "mem_bytes": memory_bytes(loop.engine.device), "elapsed_s": elapsed, "time": time.time()}
+              "mem_bytes": memory_bytes(loop.engine.device), "elapsed_s": elapsed, "time": time.time(), **moe}
     if not finite:
         record["skipped"] = True  # the update of this step was not applied
     if should_log(loop, done):
@@ -216,6 +225,8 @@ def run_eval(loop: Loop, step: int) -> dict | None:
     record = {"type": "eval", "step": step, "epoch": step / loop.plan.sampler.steps_per_epoch,
               "eval_loss": result["loss"], "eval_perplexity": result["perplexity"], "eval_tokens": result["tokens"],
               "eval_blocks": result["blocks"]}
+    if loop.routers is not None:  # a MoE model's training loss also holds its routers' aux loss; eval's does not
+        record["eval_loss_excludes"] = "aux_loss"
     if "by_dir" in result:  # a mixture: each folder's, the weighted one above
         record["eval_by_dir"] = result["by_dir"]
     emit(loop, record)
@@ -265,13 +276,15 @@ def run_loop(loop: Loop, stop: StopSignal) -> dict:
         x = micro_batches(plan.train_blocks, ids, engine.device)
         loop.times.add(data=time.perf_counter() - t)
         lr = engine.lr  # the lr this step uses (the schedule moves on inside train_step)
-        loss_local, grad_norm = train_step(engine, x, done, seed, loop.times, plan.eos)
+        loss_local, grad_norm = train_step(engine, x, done, seed, loop.times, plan.eos, loop.routers)
         t = time.perf_counter()
-        loss, stop_all = agree(loss_local, stop.requested)
+        routers = loop.routers
+        extra = routers.payload(should_log(loop, done), engine.device) if routers is not None else None
+        loss, stop_all, extra = agree(loss_local, stop.requested, extra)
         loop.times.add(comm=time.perf_counter() - t)
         loop.times.step_done()
         loop.losses.append(loss)
-        log_step(loop, done, loss, lr, grad_norm, t0)
+        log_step(loop, done, loss, lr, grad_norm, t0, routers.figures(extra, engine.world) if routers else {})
         streak = check_finite(loop, done, loss, grad_norm, streak)
         if stop_all and done < plan.total_steps:
             preempt(loop, done, stop)

@@ -31,7 +31,8 @@ def apply_lora(model, lora, seed: int):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    targets = None if lora.target_modules == "auto" else [t.strip() for t in lora.target_modules.split(",") if t.strip()]
+    targets = _default_targets(model) if lora.target_modules == "auto" else \
+        [t.strip() for t in lora.target_modules.split(",") if t.strip()]
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
                         task_type="CAUSAL_LM")
     torch.manual_seed(seed)  # lora_A's random init: the same on every rank and under every strategy
@@ -47,6 +48,16 @@ def apply_lora(model, lora, seed: int):
                             f"{model.config.model_type!r} ({first}); name them, e.g. --lora.target_modules=q_proj,v_proj"
                             ) from None
         raise UserError(f"--lora.target_modules={lora.target_modules}: {first}") from None
+
+
+def _default_targets(model) -> list[str] | None:
+    """peft's default target modules for the model type, read from peft's own table (None: it has none). peft
+    itself looks them up only after converting a MoE model's adapter config to transformers 5's expert layout,
+    and then finds none for Mixtral or Qwen2-MoE ("No `target_modules` passed"): so they are passed explicitly."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    found = DEFAULTS.get(getattr(model.config, "model_type", None))
+    return list(found) if isinstance(found, (list, tuple, set)) else found
 
 
 def base_model(model):

@@ -32,9 +32,16 @@ def inputs(x: torch.Tensor, eos: int | None) -> dict:
     return kwargs
 
 
+def objective(model, x: torch.Tensor, eos: int | None = None):
+    """The model's output given labels: `loss` is its whole training objective (mean next-token cross-entropy
+    over the B x (T-1) predicted tokens of (B, T), plus whatever auxiliary term the model adds itself, e.g. a
+    router's load-balancing loss), beside `aux_loss` and `router_logits` when the model returns them."""
+    return model(**inputs(x, eos), labels=x)
+
+
 def mean_loss(model, x: torch.Tensor, eos: int | None = None) -> torch.Tensor:
-    """Mean next-token loss over the B x (T-1) predicted tokens of (B, T); the model shifts the labels inside."""
-    return model(**inputs(x, eos), labels=x).loss
+    """The training objective of (B, T) (objective()); the model shifts the labels inside."""
+    return objective(model, x, eos).loss
 
 
 def nll_sum(model, x: torch.Tensor, eos: int | None = None) -> torch.Tensor:
@@ -137,9 +144,11 @@ def chunked_nll_sum(hidden: torch.Tensor, weight, bias, targets: torch.Tensor) -
 
 
 class FusedOutput(dict):
-    """The fused forward's output: `loss` (mean, differentiable in training) and `nll_sum` (float64, eval)."""
+    """The fused forward's output: `loss` (the model's whole objective, differentiable in training), `nll_sum`
+    (float64 cross-entropy sum, eval), and what the model returned beside them (`aux_loss`, `router_logits`)."""
 
-    __getattr__ = dict.__getitem__
+    def __getattr__(self, name):
+        return self.get(name)
 
 
 def unsupported(hf) -> str | None:
@@ -152,9 +161,12 @@ def unsupported(hf) -> str | None:
 
 
 def install(model, enabled: bool) -> str:
-    """Route the loss of `model` (a causal LM, or a peft model around one) through the fused path: its forward,
-    given `labels`, runs the decoder and the chunked output layer instead of materialising the logits. Without
-    labels (generation) it is the model's own. -> which loss is used, in words, for the console."""
+    """Route the loss of `model` (a causal LM, or a peft model around one) through the fused path. Given `labels`,
+    the model's OWN forward runs with two stand-ins for that call: its output layer passes the hidden states
+    through, and its `loss_function` (the hook every transformers causal LM computes its cross-entropy with) is
+    the chunked one. Whatever else the model adds to that cross-entropy (a router's load-balancing loss times
+    router_aux_loss_coef, a z-loss) it adds as it always does: the objective is the model's own, without naming
+    any term. Without labels (generation) nothing is replaced. -> which loss is used, in words, for the console."""
     from distclm.lora import base_model
 
     hf = base_model(model)
@@ -163,23 +175,39 @@ def install(model, enabled: bool) -> str:
     why = unsupported(hf)
     if why:
         return f"the model's own: {why}"
-    own, liger = hf.forward, _liger()
+    own, head, liger = hf.forward, hf.get_output_embeddings(), _liger()
+    own_head, state = head.forward, {"fused": False}
+
+    def head_forward(hidden, *args, **kwargs):  # (B, T, H) -> itself while the fused loss runs
+        return hidden if state["fused"] else own_head(hidden, *args, **kwargs)
+
+    def loss_function(logits, labels, vocab_size=None, **kwargs):  # `logits` are the (B, T, H) hidden states here
+        h = logits[:, :-1].reshape(-1, logits.size(-1))  # (B x (T-1), H): every position predicts the next
+        y = labels[:, 1:].reshape(-1).to(h.device)
+        if not torch.is_grad_enabled():
+            state["nll_sum"] = chunked_nll_sum(h, head.weight, head.bias, y)
+            return (state["nll_sum"] / y.numel()).float()
+        state["nll_sum"] = None
+        if liger is not None and h.is_cuda:
+            return liger(head.weight, h, y, head.bias)
+        return ChunkedLinearCrossEntropy.apply(h, head.weight, head.bias, y)
 
     def forward(input_ids=None, labels=None, position_ids=None, use_cache=None, **kwargs):
         if labels is None:
             return own(input_ids=input_ids, position_ids=position_ids, use_cache=use_cache, **kwargs)
-        hidden = hf.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
-                               **kwargs).last_hidden_state
-        h = hidden[:, :-1].reshape(-1, hidden.size(-1))  # (B x (T-1), H): every position predicts the next
-        y = labels[:, 1:].reshape(-1)
-        head = hf.get_output_embeddings()
-        if not torch.is_grad_enabled():
-            total = chunked_nll_sum(h, head.weight, head.bias, y)
-            return FusedOutput(loss=(total / y.numel()).float(), nll_sum=total)
-        if liger is not None and h.is_cuda:
-            return FusedOutput(loss=liger(head.weight, h, y, head.bias), nll_sum=None)
-        return FusedOutput(loss=ChunkedLinearCrossEntropy.apply(h, head.weight, head.bias, y), nll_sum=None)
+        state.pop("nll_sum", None)
+        state["fused"] = True
+        try:
+            out = own(input_ids=input_ids, labels=labels, position_ids=position_ids, use_cache=False, **kwargs)
+        finally:
+            state["fused"] = False
+        if "nll_sum" not in state:
+            raise RuntimeError(f"{type(hf).__name__} computes its loss without `loss_function`: the fused loss "
+                               f"cannot stand in for it; train with --train.fused_loss=false")
+        return FusedOutput(loss=out.loss, nll_sum=state["nll_sum"], aux_loss=getattr(out, "aux_loss", None),
+                           router_logits=getattr(out, "router_logits", None))
 
+    head.forward, hf.loss_function = head_forward, loss_function
     hf.forward, hf.distclm_fused_loss = forward, True
     if liger is not None and torch.cuda.is_available():
         return "fused linear + cross-entropy: liger-kernel's (Triton, CUDA)"

@@ -11,6 +11,11 @@ output layer stays in, as it is the LM head's matmul (model.matmul_parameters). 
 attention's QK^T and AV, which have no parameters: per layer and token 2 matmuls x 2 FLOPs x seq_len
 x (heads x head dim) forward, x3 with backward. A fused loss does the same matmuls (chunk by chunk).
 
+A mixture of experts counts its ACTIVE parameters in N: a token passes through top_k of a layer's E experts,
+so each expert weight counts top_k / E of its size (moe.inactive_parameters):
+
+    N = matmul parameters - sum over sparse blocks of (expert parameters x (1 - top_k / E))
+
     MFU = tokens_per_s * flops_per_token / (peak_flops_per_device * n_devices)
 """
 

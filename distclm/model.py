@@ -22,6 +22,7 @@ from distclm.hub import is_local
 _GPT2_VOCAB = dict(vocab_size=GPT2_REFERENCE["vocab_size"], bos_token_id=GPT2_REFERENCE["eos_token_id"],
                    eos_token_id=GPT2_REFERENCE["eos_token_id"])
 _TINY = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=1024)
+_MOE = dict(num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.02)
 ARCH_PRESETS: dict[str, tuple[str, dict]] = {
     # 2 layers, 128 wide: ~6.96 M parameters, 6.43 M of them the (tied) embedding.
     "gpt2-tiny": ("gpt2", dict(n_layer=2, n_embd=128, n_head=4, n_positions=1024,
@@ -36,6 +37,14 @@ ARCH_PRESETS: dict[str, tuple[str, dict]] = {
     # Parallel residual, partial rotary (25% of each head), untied output embedding.
     "neox-tiny": ("gpt_neox", dict(_TINY, intermediate_size=512, rotary_pct=0.25, hidden_dropout=0.0,
                                    attention_dropout=0.0, tie_word_embeddings=False)),
+    # Mixture of experts (docs/moe.md): each layer's MLP is 4 SwiGLU experts, 2 per token, chosen by a router;
+    # the router's load-balancing loss (x 0.02) is part of the training objective (output_router_logits).
+    "mixtral-tiny": ("mixtral", dict(_TINY, intermediate_size=256, num_key_value_heads=2, num_local_experts=4,
+                                     **_MOE, tie_word_embeddings=False)),
+    # Qwen2-MoE: 4 routed experts (2 per token) plus an always-on shared expert behind a sigmoid gate.
+    "qwen2moe-tiny": ("qwen2_moe", dict(_TINY, intermediate_size=256, moe_intermediate_size=128,
+                                        shared_expert_intermediate_size=256, num_key_value_heads=2, num_experts=4,
+                                        decoder_sparse_step=1, **_MOE, tie_word_embeddings=False)),
 }
 
 
@@ -169,7 +178,7 @@ def build_model(name: str, seed: int, trust_remote_code: bool = False, dtype=Non
         try:
             model = AutoModelForCausalLM.from_pretrained(source, attn_implementation="sdpa", **kwargs)
         except ValueError as exc:  # an architecture without SDPA support: its default attention
-            if "sdpa" not in str(exc).lower():
+            if not any(w in str(exc).lower() for w in ("sdpa", "scaled_dot_product_attention")):
                 raise
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except UserError:

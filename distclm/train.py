@@ -41,6 +41,7 @@ from distclm.model import (
     matmul_parameters,
     parameter_counts,
 )
+from distclm.moe import RouterStats, inactive_parameters, sparse_blocks, top_k
 from distclm.rundir import RunDir, claim_run_dir, open_data
 from distclm.straggler import SlowRankWatch
 from distclm.trackers import Trackers, parse_names
@@ -153,8 +154,9 @@ def build_engine(cfg: Config, plan: Plan):
 
 def build_loop(cfg: Config, plan: Plan, engine, run: RunDir) -> Loop:
     module, shape = engine.module, plan.shape
-    # FLOPs per token from the model's own shape (the formula is in metrics.py)
-    fpt = flops_per_token(matmul_parameters(module), shape.num_layers, shape.num_heads * shape.head_dim,
+    k, inactive = top_k(module.config), inactive_parameters(module, top_k(module.config))
+    # FLOPs per token from the model's own shape and its ACTIVE parameters (the formulas: metrics.py, moe.py)
+    fpt = flops_per_token(matmul_parameters(module) - inactive, shape.num_layers, shape.num_heads * shape.head_dim,
                           plan.block_size)
     peak = peak_tflops_for(device_name(engine.device), cfg.log.peak_tflops)
     hf = (load_model_tokenizer(cfg.model.name, cfg.data.tokenizer), cfg.gen)
@@ -163,8 +165,11 @@ def build_loop(cfg: Config, plan: Plan, engine, run: RunDir) -> Loop:
                 MetricsFile(run.metrics, enabled=engine.is_main), trackers, ThroughputMeter(fpt, engine.world, peak))
     hosts = dist.all_gather_object(socket.gethostname())  # once: to name a slow rank by its host
     loop.watch = SlowRankWatch(hosts) if engine.is_main else None
+    blocks = sparse_blocks(module)
+    loop.routers = RouterStats(k or 1) if blocks or k else None
     trainable, total = parameter_counts(module)
-    loop.console.print(f"model {cfg.model.name} ({shape.model_type}): {total:,} parameters, {trainable:,} "
+    active = f" ({total - inactive:,} active per token: {k} of {blocks[0].n_experts} experts)" if blocks and k else ""
+    loop.console.print(f"model {cfg.model.name} ({shape.model_type}): {total:,} parameters{active}, {trainable:,} "
                        f"trainable; {engine.world} process(es), {cfg.train.strategy}; loss: {engine.loss}")
     return loop
 
@@ -187,7 +192,9 @@ def finish(loop: Loop, summary: dict) -> dict:
     e.drop_optimizer_state()  # the last checkpoint holds it
     export_run(loop.run.path, engine=e)
     trainable, total = parameter_counts(e.module)
-    summary = {**summary, "params": {"trainable": trainable, "total": total}}
+    inactive = inactive_parameters(e.module, top_k(e.module.config))  # a mixture of experts: per token, fewer
+    summary = {**summary, "params": {"trainable": trainable, "total": total,
+                                     **({"active": total - inactive} if inactive else {})}}
     if e.is_main:
         (loop.run.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         plot_curves(loop.run.metrics, loop.run.path / "curves.png")

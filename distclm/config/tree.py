@@ -90,6 +90,10 @@ class TrainConfig:
     dist_timeout_s: float = F(600.0, "Seconds to wait for the other ranks (joining the rendezvous, forming the "
                                     "process group, each collective) before failing with a message naming "
                                     "MASTER_ADDR:MASTER_PORT; raise it when nodes start far apart or saves are slow.")
+    z3_leaf_modules: str = F("auto", "ZeRO-3: modules gathered whole at their forward. auto = mixture-of-experts "
+                                     "blocks whose experts are separate modules (found from the structure; else a "
+                                     "rank that routes no token to an expert hangs the others); none; or a comma "
+                                     "list of class names, with auto among them to keep the rule's.")
 
 
 @dataclass

@@ -30,6 +30,7 @@ import torch
 from distclm import dist, ds_config, optim
 from distclm.dist import form_process_group, pick_backend, pick_precision, return_freed_memory
 from distclm.errors import UserError
+from distclm.moe import z3_leaves
 
 # DeepSpeed calls torch.distributed functions that this torch deprecates (reduce_scatter_tensor,
 # all_gather_into_tensor): one FutureWarning per call site on every rank, noise for a user.
@@ -110,18 +111,18 @@ class Engine:
         self.model.eval()
 
     def _external_output_layer(self, model) -> None:
-        """ZeRO-3 gathers a module's parameters around that module's forward; the fused loss uses the output layer
-        outside it (loss.py), so the model's forward must gather it too, forward and backward."""
+        """ZeRO-3 gathers a module's parameters around its forward: the fused loss uses the output layer outside it
+        (loss.py), so the model's forward gathers it too; a sparse block with separate experts, whole (moe.py)."""
         from distclm.lora import base_model
 
         hf = base_model(model)
-        if self.stage == 3 and getattr(hf, "distclm_fused_loss", False):
+        if self.stage == 3:
             import deepspeed
-
-            head = hf.get_output_embeddings()
-            for p in (head.weight, head.bias):
-                if p is not None:
-                    deepspeed.zero.register_external_parameter(hf, p)
+            head = hf.get_output_embeddings() if getattr(hf, "distclm_fused_loss", False) else None
+            for p in [p for p in (head.weight, head.bias) if p is not None] if head is not None else []:
+                deepspeed.zero.register_external_parameter(hf, p)
+            for module in z3_leaves(model, self.t.z3_leaf_modules):  # else an expert no token of a rank reaches hangs
+                deepspeed.utils.set_z3_leaf_module(module, True)
 
     # -- what callers may ask ------------------------------------------------------------------
 

@@ -123,15 +123,18 @@ def test_offline_export_rebuilds_the_base_and_merges_the_checkpoint_adapter(runs
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
 
 
-@pytest.mark.extended  # CI: LoRA on gpt2-tiny (the fixture), the architectures in test_architectures.py
-@pytest.mark.parametrize("preset", ["llama-tiny", "qwen2-tiny", "neox-tiny"])
+# CI: LoRA on gpt2-tiny (the fixture) and on a mixture of experts' attention; the rest in test_architectures.py
+@pytest.mark.parametrize("preset", ["mixtral-tiny", *(pytest.param(p, marks=pytest.mark.extended) for p in
+                                                      ("llama-tiny", "qwen2-tiny", "neox-tiny", "qwen2moe-tiny"))])
 def test_lora_on_every_architecture_preset_with_zero2(tmp_path, pydoc_blocks, preset):
     from transformers import pipeline
 
     run = tmp_path / "run"
+    named = ("--lora.target_modules=q_proj,v_proj",) if preset == "qwen2moe-tiny" else ()  # peft has no default
     train(2, run, pydoc_blocks, "--lora.r=4", "--train.max_steps=3", "--train.strategy=zero2", *TWO,
-          "--eval.max_blocks=8", model=preset)
+          "--eval.max_blocks=8", *named, model=preset)
     adapter = weights(run / "export" / "adapter")
     assert adapter and all(float(t.abs().max()) > 0 for t in adapter.values())
+    assert all("self_attn" in k or "attention" in k or "attn" in k for k in adapter)  # peft's default: attention
     pipe = pipeline("text-generation", model=str(run / "export"), device="cpu")
     assert pipe("The with statement", max_new_tokens=3)[0]["generated_text"].startswith("The with statement")

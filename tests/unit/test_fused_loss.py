@@ -1,5 +1,6 @@
 """The fused linear + cross-entropy equals the model's own loss, its gradients, and the eval sums, on every preset
-(tied and untied output embeddings), with LoRA's frozen output layer, and with attention within documents."""
+(tied and untied output embeddings, mixtures of experts with their router's balancing loss), with LoRA's frozen
+output layer, and with attention within documents."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import copy
 import pytest
 import torch
 
-from distclm.loss import ChunkedLinearCrossEntropy, chunk_tokens, install, is_fused, mean_loss, nll_sum
+from distclm.loss import ChunkedLinearCrossEntropy, chunk_tokens, install, is_fused, mean_loss, nll_sum, objective
 from distclm.model import build_model
 
-PRESETS = ["gpt2-tiny", "llama-tiny", "qwen2-tiny", "neox-tiny"]
+MOE = ["mixtral-tiny", "qwen2moe-tiny"]
+PRESETS = ["gpt2-tiny", "llama-tiny", "qwen2-tiny", "neox-tiny", *MOE]
 
 
 def batch(seed: int = 0, b: int = 3, t: int = 40) -> torch.Tensor:
@@ -36,6 +38,32 @@ def test_loss_and_gradients_equal_the_models_own(preset, eos):
     grads = [(p.grad, q.grad) for p, q in zip(own.parameters(), fused.parameters()) if p.grad is not None]
     assert len(grads) == len(list(own.parameters()))
     assert max(float((p - q).abs().max()) for p, q in grads) < 1e-5  # every weight, through the hidden states
+
+
+@pytest.mark.parametrize("preset", MOE)
+def test_moe_objective_keeps_the_routers_balancing_loss(preset):
+    """loss = cross-entropy + router_aux_loss_coef x aux_loss, fused as the model's own; the routers' gradients
+    (which come from both terms) match; eval's NLL sum is the cross-entropy alone."""
+    own = build_model(preset, 0)
+    fused = copy.deepcopy(own)
+    install(fused, True)
+    x = batch(2)
+    a, b = objective(own, x), objective(fused, x)
+    coef = own.config.router_aux_loss_coef
+    assert a.aux_loss.item() > 1.0 and abs(a.aux_loss.item() - b.aux_loss.item()) < 1e-6
+    with torch.no_grad():
+        ce = torch.nn.functional.cross_entropy(own(input_ids=x).logits[:, :-1].reshape(-1, 50257), x[:, 1:].reshape(-1))
+        assert abs(b.loss.item() - (ce.item() + coef * b.aux_loss.item())) < 1e-5  # the aux term is in, once
+        for model in (own, fused):  # eval: CE only, fused or not
+            assert abs(nll_sum(model, x).item() / (x.numel() - x.size(0)) - ce.item()) < 1e-5
+    assert abs(a.loss.item() - b.loss.item()) < 1e-5
+    a.loss.backward()
+    b.loss.backward()
+    routers = [(n, p.grad, q.grad) for (n, p), q in zip(own.named_parameters(), fused.parameters())
+               if n.endswith("mlp.gate.weight")]
+    assert len(routers) == own.config.num_hidden_layers
+    assert all(float(g.abs().max()) > 0 for _, g, _ in routers)
+    assert max(float((g - h).abs().max()) for _, g, h in routers) < 1e-5
 
 
 def test_hidden_state_gradient_of_the_fused_function_itself():

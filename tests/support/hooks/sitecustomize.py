@@ -4,6 +4,7 @@
     DISTCLM_TEST_NAN_STEPS="3,4,5"       the training loss of these optimizer steps (1-based) becomes NaN
     DISTCLM_TEST_SIGTERM_AT_STEP="10"    rank 0 sends itself SIGTERM during that step (a preemption, exactly there)
     DISTCLM_TEST_SLOW_READS="1:0.2"      rank 1's block reads take 0.2 s longer (a slow disk on one node)
+    DISTCLM_TEST_TOY_MOE="1"             the toy mixture of experts (tests/support/toy_moe.py) is a known model type
 """
 
 import os
@@ -12,6 +13,11 @@ import signal
 _nan_steps = {int(s) for s in os.environ.get("DISTCLM_TEST_NAN_STEPS", "").split(",") if s.strip()}
 _sigterm_at = int(os.environ.get("DISTCLM_TEST_SIGTERM_AT_STEP", "0"))
 _slow_rank, _, _slow_s = os.environ.get("DISTCLM_TEST_SLOW_READS", "").partition(":")
+
+if os.environ.get("DISTCLM_TEST_TOY_MOE") == "1":
+    from tests.support.toy_moe import register
+
+    register()
 
 if _slow_rank and os.environ.get("RANK") == _slow_rank:
     import time
