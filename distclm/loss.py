@@ -7,6 +7,12 @@ Position ids restart at 0 after each EOS; transformers then sees a packed batch 
 increase by 1 start a new sequence, masking_utils.find_packed_sequence_indices) and builds a block-diagonal
 causal mask, so a token attends only to its own document, at the positions it would have alone. The EOS
 closes the document before it; the token after it is predicted from that document alone.
+
+Masked folders (chat / prompt_completion, blocks.py version 2) carry per-token flags (B, T): LOSS marks a label,
+START a sample's first token. Positions restart at each START (attention stays within a sample, whatever tokens
+it holds: a template may put EOS inside a sample), and the loss is a sum over labels only, scaled by the caller:
+
+    loss of a step = sum over the global batch's labels of NLL / number of labels in the global batch
 """
 
 from __future__ import annotations
@@ -24,6 +30,41 @@ def document_positions(x: torch.Tensor, eos: int) -> torch.Tensor:
     return idx - first
 
 
+IGNORE = -100  # a target that is not a label (transformers' ignore_index)
+LOSS, START = 1, 2  # the flag bits of a masked block (data/blocks.py)
+
+
+def segment_positions(flags: torch.Tensor) -> torch.Tensor:
+    """(B, T) flags -> (B, T) positions within each sample, restarting at every START token."""
+    idx = torch.arange(flags.size(1), device=flags.device).expand(flags.shape)  # (B, T)
+    starts = (flags & START) != 0
+    first = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
+    return idx - first
+
+
+def masked_labels(x: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+    """(B, T) ids and flags -> (B, T) labels: the id where LOSS is set, IGNORE elsewhere."""
+    return torch.where((flags & LOSS) != 0, x, torch.full_like(x, IGNORE))
+
+
+def label_count(flags) -> int:
+    """Labels that are predicted in (..., T) flags: LOSS set at positions 1..T-1 (position 0 predicts nothing)."""
+    return int(((flags[..., 1:] & LOSS) != 0).sum())
+
+
+def masked_nll_sum(model, x: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+    """Summed NLL over the labels of (B, T) (differentiable when grad is on; float64 under no_grad)."""
+    labels = masked_labels(x, flags)
+    kwargs = {"input_ids": x, "use_cache": False, "position_ids": segment_positions(flags)}
+    if is_fused(model):
+        out = model(**kwargs, labels=labels, reduction="sum")
+        return out.loss if torch.is_grad_enabled() else out.nll_sum
+    logits = model(**kwargs).logits[:, :-1, :].float()  # (B, T-1, V)
+    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=IGNORE,
+                          reduction="none")
+    return nll.sum() if torch.is_grad_enabled() else nll.double().sum()
+
+
 def inputs(x: torch.Tensor, eos: int | None) -> dict:
     """The model's keyword arguments for a (B, T) batch: `eos` set = document-aware attention."""
     kwargs = {"input_ids": x, "use_cache": False}
@@ -37,8 +78,11 @@ def mean_loss(model, x: torch.Tensor, eos: int | None = None) -> torch.Tensor:
     return model(**inputs(x, eos), labels=x).loss
 
 
-def nll_sum(model, x: torch.Tensor, eos: int | None = None) -> torch.Tensor:
-    """Summed next-token NLL of (B, T) in float64: the sum over B x (T-1) predicted tokens."""
+def nll_sum(model, x: torch.Tensor, eos: int | None = None, flags: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed next-token NLL of (B, T) in float64: the sum over B x (T-1) predicted tokens (over the labels only
+    when the block's `flags` are given)."""
+    if flags is not None:
+        return masked_nll_sum(model, x, flags)
     if is_fused(model):
         return model(**inputs(x, eos), labels=x).nll_sum
     logits = model(**inputs(x, eos)).logits[:, :-1, :].float()  # (B, T-1, V)
@@ -87,7 +131,8 @@ def _chunk_nll(h, y, weight, bias) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """mean_i CE(h_i W^T + b, y_i) over N tokens, computed a chunk of tokens at a time.
+    """sum_i CE(h_i W^T + b, y_i) / N over N tokens (N = `divisor`, default the token count; targets equal to
+    IGNORE add nothing and get no gradient), computed a chunk of tokens at a time.
 
     Forward computes, per chunk, the logits, the loss and the gradients with respect to the hidden states and
     the output weight (and bias), in one reused buffer: peak memory is one chunk's logits instead of N x V
@@ -99,19 +144,26 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets):
-        n, chunk = hidden.size(0), chunk_tokens(weight.size(0))
+    def forward(ctx, hidden, weight, bias, targets, divisor=None):
+        masked = bool((targets == IGNORE).any())
+        if divisor is None:  # the mean over the labels
+            divisor = int((targets != IGNORE).sum()) if masked else hidden.size(0)
+        n, chunk = divisor, chunk_tokens(weight.size(0))
         need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
         gh = torch.empty_like(hidden) if need[0] else None
         gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None
         gb = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need[2] else None
         total = torch.zeros((), dtype=torch.float64, device=hidden.device)
-        for s in range(0, n, chunk):
+        for s in range(0, hidden.size(0), chunk):
             h, y = hidden[s:s + chunk], targets[s:s + chunk]
+            keep = y != IGNORE
+            y = y.clamp(min=0) if masked else y
             nll, e, sums = _chunk_nll(h, y, weight, bias)
-            total += nll.double().sum()
+            total += (nll * keep if masked else nll).double().sum()
             g = e.div_(sums[:, None] * n)  # softmax / N, in place
             g[torch.arange(g.size(0), device=g.device), y] -= 1.0 / n
+            if masked:
+                g.mul_(keep[:, None])  # an ignored target: no gradient
             if gh is not None:
                 gh[s:s + chunk] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
             if gw is not None:
@@ -124,15 +176,17 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         gh, gw, gb = (None if g is None else g * grad_loss.to(g.dtype) for g in ctx.grads)
-        return gh, gw, gb, None
+        return gh, gw, gb, None, None
 
 
 @torch.no_grad()
 def chunked_nll_sum(hidden: torch.Tensor, weight, bias, targets: torch.Tensor) -> torch.Tensor:
-    """Eval: the float64 sum of per-token (float32) NLL, a chunk of logits at a time."""
+    """Eval: the float64 sum of per-token (float32) NLL over targets that are not IGNORE, a chunk at a time."""
     chunk, total = chunk_tokens(weight.size(0)), torch.zeros((), dtype=torch.float64, device=hidden.device)
     for s in range(0, hidden.size(0), chunk):
-        total += _chunk_nll(hidden[s:s + chunk], targets[s:s + chunk], weight, bias)[0].double().sum()
+        y = targets[s:s + chunk]
+        keep = y != IGNORE
+        total += (_chunk_nll(hidden[s:s + chunk], y.clamp(min=0), weight, bias)[0] * keep).double().sum()
     return total
 
 
@@ -165,7 +219,8 @@ def install(model, enabled: bool) -> str:
         return f"the model's own: {why}"
     own, liger = hf.forward, _liger()
 
-    def forward(input_ids=None, labels=None, position_ids=None, use_cache=None, **kwargs):
+    def forward(input_ids=None, labels=None, position_ids=None, use_cache=None, reduction="mean", **kwargs):
+        """`reduction`: mean over the labels (the model's own), or sum (a masked batch's caller scales it)."""
         if labels is None:
             return own(input_ids=input_ids, position_ids=position_ids, use_cache=use_cache, **kwargs)
         hidden = hf.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
@@ -175,10 +230,11 @@ def install(model, enabled: bool) -> str:
         head = hf.get_output_embeddings()
         if not torch.is_grad_enabled():
             total = chunked_nll_sum(h, head.weight, head.bias, y)
-            return FusedOutput(loss=(total / y.numel()).float(), nll_sum=total)
+            return FusedOutput(loss=(total / (y != IGNORE).sum()).float(), nll_sum=total)
         if liger is not None and h.is_cuda:
-            return FusedOutput(loss=liger(head.weight, h, y, head.bias), nll_sum=None)
-        return FusedOutput(loss=ChunkedLinearCrossEntropy.apply(h, head.weight, head.bias, y), nll_sum=None)
+            return FusedOutput(loss=liger[reduction](head.weight, h, y, head.bias), nll_sum=None)
+        divisor = 1 if reduction == "sum" else None
+        return FusedOutput(loss=ChunkedLinearCrossEntropy.apply(h, head.weight, head.bias, y, divisor), nll_sum=None)
 
     hf.forward, hf.distclm_fused_loss = forward, True
     if liger is not None and torch.cuda.is_available():
@@ -195,7 +251,7 @@ def _liger():
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
     except ImportError:
         return None
-    return LigerFusedLinearCrossEntropyLoss()
+    return {r: LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction=r) for r in ("mean", "sum")}
 
 
 def is_fused(model) -> bool:

@@ -35,6 +35,10 @@ def describe(folder: str, m: dict) -> list[str]:
              f"tokenizer  {m['tokenizer']['name']} sha256 {m['tokenizer']['sha256'][:16]}  vocab {m['vocab_size']}  "
              f"eos {m['eos_token_id']}",
              f"blocks     {m['block_size']} tokens, {m['dtype']}"]
+    if m.get("data_format"):
+        from distclm.data.prepare_chat import describe as describe_samples
+
+        lines += describe_samples(m)
     for name, s in m["splits"].items():
         lines.append(f"{name:<10} {s['n_docs']:>9,} docs  {s['n_tokens']:>12,} tokens  {s['n_blocks']:>9,} blocks  "
                      f"{len(s['shards'])} shard(s)  dropped tail {s['dropped_tokens']} tokens")

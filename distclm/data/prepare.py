@@ -29,6 +29,8 @@ from distclm.config import Config, num_workers, to_yaml
 from distclm.data import sources
 from distclm.data.blocks import FORMAT, MANIFEST, VERSION, SplitWriter, dump_json, read_manifest
 from distclm.data.pack import Packer, concat_docs, token_dtype
+from distclm.data.prepare_chat import ChatData, SampleSplits, resolve_format
+from distclm.data.samples import encode_samples
 from distclm.data.tokenize import Tokenizer, load_tokenizer
 from distclm.errors import UserError
 
@@ -62,17 +64,18 @@ def source_specs(cfg: Config) -> list[tuple[str | None, sources.SourceSpec]]:
 
 def _input_identity(spec: sources.SourceSpec) -> list:
     """Local files and sizes (not mtimes or absolute paths: the manifest must not depend on them)."""
-    if spec.source == "pydoc" or not sources.is_local_source(spec.source):
+    if spec.source in sources.EMBEDDED or not sources.is_local_source(spec.source):
         return []
     files = sources.local_files(spec.source)
     return [[os.path.basename(f), os.path.getsize(f)] for f in files]
 
 
-def settings(cfg: Config, tok: Tokenizer) -> dict:
-    """Everything that decides the output bytes; its hash is the fingerprint."""
+def settings(cfg: Config, tok: Tokenizer, chat_data: ChatData | None = None) -> dict:
+    """Everything that decides the output bytes; its hash is the fingerprint (a chat template by its sha256)."""
     d = cfg.data
     specs = source_specs(cfg)
-    return {
+    extra = {"chat": chat_data.settings(d)} if chat_data is not None else {}
+    return {**extra,
         "source": {"source": d.source, "config": d.config, "split": d.split, "revision": d.revision,
                    "text_field": d.text_field, "join_with": d.join_with, "max_docs": d.max_docs,
                    "txt_mode": d.txt_mode, "eos_between_docs": d.eos_between_docs, "val_fraction": d.val_fraction,
@@ -96,8 +99,9 @@ class Chunk:
         self.end, self.labels, self.texts = end, labels, texts
 
 
-def _labelled_docs(cfg: Config, start: int) -> Iterator[tuple[str, str]]:
-    """(split, text) for each document from position `start` on, with the split decided per document."""
+def _labelled_docs(cfg: Config, start: int, raw: bool = False) -> Iterator[tuple[str, str]]:
+    """(split, text) for each document from position `start` on, with the split decided per document
+    (`raw`: the whole record instead of its text, for chat / prompt_completion)."""
     d = cfg.data
     streams = []
     val_set = None
@@ -109,7 +113,7 @@ def _labelled_docs(cfg: Config, start: int) -> Iterator[tuple[str, str]]:
                 raise UserError(f"--data.val_docs={d.val_docs} leaves no training document ({n} documents)")
             rng = np.random.default_rng(d.seed)
             val_set = set(rng.choice(n, size=d.val_docs, replace=False).tolist())
-        streams.append((fixed, sources.documents(spec)))
+        streams.append((fixed, islice(sources.records(spec), spec.max_docs) if raw else sources.documents(spec)))
     position = 0
     for fixed, docs in streams:
         for text in docs:
@@ -124,12 +128,12 @@ def _labelled_docs(cfg: Config, start: int) -> Iterator[tuple[str, str]]:
             position += 1
 
 
-def _chunks(docs: Iterator[tuple[str, str]], start: int) -> Iterator[Chunk]:
+def _chunks(docs: Iterator[tuple[str, str]], start: int, size=len) -> Iterator[Chunk]:
     labels, texts, chars, position = [], [], 0, start
     for label, text in docs:
         labels.append(label)
         texts.append(text)
-        chars += len(text)
+        chars += size(text)
         position += 1
         if chars >= CHUNK_CHARS or len(texts) >= CHUNK_DOCS:
             yield Chunk(position, labels, texts)
@@ -192,17 +196,20 @@ class Splits:
     def tokens(self) -> int:
         return sum(w.n_tokens for w in self.writers.values())
 
-    def save_state(self, fp: str, next_doc: int) -> None:
-        """After a completed shard: what a resume needs (its blocks made durable first)."""
-        for w in self.writers.values():
-            w.sync()
-        splits = {k: {**w.state(), "carry": self.packers[k].carry.tolist()} for k, w in self.writers.items()}
-        atomic_write(self.out / STATE, dump_json({"fingerprint": fp, "next_doc": next_doc, "splits": splits}))
+    def state(self) -> dict:
+        return {k: {**w.state(), "carry": self.packers[k].carry.tolist()} for k, w in self.writers.items()}
 
     def finish(self) -> dict:
         for w in self.writers.values():
             w.finish()
         return {k: w.summary(self.packers[k].dropped) for k, w in self.writers.items()}
+
+
+def save_state(out: Path, splits, fp: str, next_doc: int) -> None:
+    """After a completed shard: what a resume needs (its blocks made durable first)."""
+    for w in splits.writers.values():
+        w.sync()
+    atomic_write(out / STATE, dump_json({"fingerprint": fp, "next_doc": next_doc, "splits": splits.state()}))
 
 
 def prepare(cfg: Config, progress=None) -> Prepared:
@@ -218,7 +225,9 @@ def prepare(cfg: Config, progress=None) -> Prepared:
     tok = load_tokenizer(d.tokenizer, num_threads=1)
     if tok.max_length is not None and d.block_size > tok.max_length:
         raise UserError(f"--data.block_size={d.block_size} exceeds the tokenizer's maximum length {tok.max_length}")
-    s = settings(cfg, tok)
+    fmt = resolve_format(d, source_specs(cfg))
+    chat_data = ChatData(d, fmt, tok) if fmt != "text" else None
+    s = settings(cfg, tok, chat_data)
     fp = fingerprint(s)
     state = _check_out_dir(out, fp, cfg.run.overwrite)
     if state == "complete":
@@ -226,24 +235,33 @@ def prepare(cfg: Config, progress=None) -> Prepared:
     out.mkdir(parents=True, exist_ok=True)
     (out / "prepare.yaml").write_text(to_yaml(cfg), encoding="utf-8")
     dtype = token_dtype(tok.vocab_size)
-    splits = Splits(out, d, dtype, state)
     start = state["next_doc"] if state else 0
     if state and progress:
         progress.note(f"resuming an interrupted prepare from document {start}")
     t_stream = time.perf_counter()
-    _stream(cfg, tok, dtype, splits, start, fp, progress)
-    manifest = _manifest(cfg, tok, dtype, s, fp, splits.finish())
+    if chat_data is None:
+        splits = Splits(out, d, dtype, state)
+        eos = tok.eos_token_id if d.eos_between_docs else None
+        chunks = _chunks(_labelled_docs(cfg, start), start)
+        encode = lambda chunk: _encode(tok, chunk, eos, dtype)  # noqa: E731
+    else:
+        splits = SampleSplits(out, d, dtype, tok.eos_token_id, state)
+        chunks = _chunks(_labelled_docs(cfg, start, raw=True), start, size=lambda rec: len(str(rec)))
+        encode = lambda chunk: encode_samples(tok, chat_data.renderer, chunk.texts, chunk.labels,  # noqa: E731
+                                              chunk.end - len(chunk.texts), d.block_size, d.overlong)
+    _stream(cfg, encode, chunks, splits, fp, progress)
+    manifest = {**_manifest(cfg, tok, dtype, s, fp, splits.finish()),
+                **(chat_data.manifest(d) if chat_data is not None else {})}
     atomic_write(out / MANIFEST, dump_json(manifest))
     (out / STATE).unlink(missing_ok=True)
     t_end = time.perf_counter()
     return Prepared(manifest, t_end - t0, False, tok.backend, t_end - t_stream)
 
 
-def _stream(cfg: Config, tok: Tokenizer, dtype: np.dtype, splits: Splits, start: int, fp: str, progress) -> None:
-    """Documents from `start` on -> tokenized in the pool (at most 2 chunks per worker in flight), packed and
+def _stream(cfg: Config, encode, chunks, splits, fp: str, progress) -> None:
+    """Chunks of documents -> `encode`d in the pool (at most 2 chunks per worker in flight), packed and
     written in submission order; the resume state is saved after each completed shard."""
     d = cfg.data
-    eos = tok.eos_token_id if d.eos_between_docs else None
     workers = num_workers(d)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         pending: deque = deque()
@@ -252,13 +270,13 @@ def _stream(cfg: Config, tok: Tokenizer, dtype: np.dtype, splits: Splits, start:
             while len(pending) > limit:
                 chunk, future = pending.popleft()
                 if splits.feed(future.result()):
-                    splits.save_state(fp, chunk.end)
+                    save_state(Path(d.dir), splits, fp, chunk.end)
                 if progress:
                     progress.update(docs=splits.docs, tokens=splits.tokens, bytes=splits.bytes)
 
         try:
-            for chunk in _chunks(_labelled_docs(cfg, start), start):
-                pending.append((chunk, pool.submit(_encode, tok, chunk, eos, dtype)))
+            for chunk in chunks:
+                pending.append((chunk, pool.submit(encode, chunk)))
                 drain(2 * workers)
             drain(0)
         except ValueError as exc:  # an id that does not fit the dtype
@@ -350,4 +368,9 @@ def prepare_command(inv) -> int:
     print(f"prepared {sum(s['n_docs'] for s in sp.values()):,} docs -> {tokens:,} tokens -> "
           + ", ".join(f"{k} {s['n_blocks']:,} blocks" for k, s in sp.items())
           + f" of {m['block_size']} ({m['dtype']}){rate} -> {cfg.data.dir}")
+    if m.get("data_format"):
+        from distclm.data.prepare_chat import describe as describe_samples
+
+        how = "detected" if cfg.data.format == "auto" else "--data.format"
+        print(f"format {m['data_format']} ({how}); " + "\n".join(describe_samples(m)[1:]))
     return 0
