@@ -123,7 +123,12 @@ def run_command(inv) -> int:
         g = cfg.gen
         model = build_model(str(export), seed=0)
         tok = load_model_tokenizer(str(export), cfg.data.tokenizer)
-        text = generate(model, tok, [g.prompt], g)[0][0]
+        chat = None
+        if result.manifest.get("data_format") or g.chat:  # a chat folder: the prompt as a user turn, the answer only
+            from distclm.generate import chat_setup
+
+            chat = chat_setup(tok, cfg.data.dir)
+        text = generate(model, tok, [g.prompt], g, chat=chat)[0][0]
         how = f"top-k {g.top_k}, top-p {g.top_p}, temperature {g.temperature}" if g.do_sample else "greedy"
         say(f"== sample ({how}, {g.max_new_tokens} new tokens, seed {g.seed}):")
         say(text)

@@ -162,7 +162,10 @@ def build_loop(cfg: Config, plan: Plan, engine, run: RunDir) -> Loop:
     fpt = flops_per_token(matmul_parameters(module), shape.num_layers, shape.num_heads * shape.head_dim,
                           plan.block_size)
     peak = peak_tflops_for(device_name(engine.device), cfg.log.peak_tflops)
-    hf = (load_model_tokenizer(cfg.model.name, cfg.data.tokenizer), cfg.gen)
+    tokenizer = load_model_tokenizer(cfg.model.name, cfg.data.tokenizer)
+    if plan.chat_template is not None:  # checkpoints and the export speak the template the model was trained on
+        tokenizer.chat_template = plan.chat_template
+    hf = (tokenizer, cfg.gen)
     trackers = Trackers(engine, parse_names(cfg.log.trackers), run.path, cfg.to_dict())
     loop = Loop(cfg, plan, engine, run, hf, TrainConsole(plan.total_steps, cfg.log.interval_s),
                 MetricsFile(run.metrics, enabled=engine.is_main), trackers, ThroughputMeter(fpt, engine.world, peak))

@@ -35,6 +35,10 @@ DEFAULT_TEMPLATE = (
 )
 
 
+# prompt_completion at generation: the prompt as it is (a user turn's content), nothing around it.
+PLAIN_TEMPLATE = "{%- for message in messages %}{{- message['content'] }}{%- endfor %}"
+
+
 def template_sha256(template: str | None) -> str | None:
     return hashlib.sha256(template.encode()).hexdigest() if template is not None else None
 
@@ -119,7 +123,10 @@ def _extend(pieces: list, done: str, longer: str, supervised: bool, turn: int) -
         raise ValueError(f"the chat template is not prefix-stable at message {turn}: rendering the conversation up "
                          f"to it changes what it rendered before, so the answer spans cannot be found")
     if len(longer) > len(done):
-        pieces.append((longer[len(done):], supervised))
+        if pieces and pieces[-1][1] == supervised:  # one piece per run of the same kind: one tokenization
+            pieces[-1] = (pieces[-1][0] + longer[len(done):], supervised)
+        else:
+            pieces.append((longer[len(done):], supervised))
 
 
 def completion_pieces(prompt, completion, eos_text: str, train_on: str) -> list[tuple[str, bool]]:

@@ -1,0 +1,125 @@
+"""Chat data: spans found by rendering the template, samples packed whole, the masked loss (fused and the model's
+own) against a plain cross-entropy with ignored targets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from distclm.data import chat
+from distclm.data.blocks import LOSS, START
+from distclm.data.samples import SamplePacker, fit, sample_arrays
+
+SPECIALS = {"eos_token": "<|endoftext|>", "bos_token": ""}
+CONVO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a list?"},
+         {"role": "assistant", "content": "A mutable sequence."}, {"role": "user", "content": "And a tuple?"},
+         {"role": "assistant", "content": "An immutable one."}]
+# A ChatML template as Qwen2-style tokenizers ship it: the turn closes with <|im_end|> and a newline.
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def test_default_template_supervises_each_answer_and_its_eos():
+    pieces = chat.chat_pieces(CONVO, chat.DEFAULT_TEMPLATE, SPECIALS, "assistant")
+    assert "".join(t for t, _ in pieces) == chat.render(chat.DEFAULT_TEMPLATE, CONVO, False, SPECIALS)
+    assert [t for t, s in pieces if s] == ["A mutable sequence.<|endoftext|>", "An immutable one.<|endoftext|>"]
+    assert pieces[0] == ("<|im_start|>system\nBe brief.<|endoftext|><|im_start|>user\nWhat is a list?<|endoftext|>"
+                         "<|im_start|>assistant\n", False)
+
+
+def test_a_tokenizer_template_gets_its_own_end_of_turn():
+    pieces = chat.chat_pieces(CONVO, CHATML, SPECIALS, "assistant")
+    assert [t for t, s in pieces if s] == ["A mutable sequence.<|im_end|>\n", "An immutable one.<|im_end|>\n"]
+    tail, eot = chat.end_of_turn(CHATML, SPECIALS, lambda text: [len(text)])
+    assert tail == "<|im_end|>\n" and eot == len(tail)
+    assert chat.chat_pieces(CONVO, CHATML, SPECIALS, "all") == [(t, True) for t, _ in pieces]
+
+
+def test_a_template_that_rewrites_the_past_is_refused():
+    # The last message is rendered differently from the others: prefixes do not extend each other.
+    odd = "{% for m in messages %}{% if loop.last %}[{{ m['content'] }}]{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
+    with pytest.raises(ValueError, match="not prefix-stable at message 1"):
+        chat.chat_pieces(CONVO, odd, SPECIALS, "assistant")
+
+
+def test_prompt_completion_and_format_detection():
+    class D:
+        messages_field, prompt_field, completion_field = "messages", "prompt", "completion"
+
+    assert chat.completion_pieces("Q: 2+2?", " 4", "<eos>", "assistant") == [("Q: 2+2?", False), (" 4<eos>", True)]
+    assert chat.detect_format({"messages": []}, D) == "chat"
+    assert chat.detect_format({"prompt": "a", "completion": "b"}, D) == "prompt_completion"
+    assert chat.detect_format({"text": "a"}, D) == "text"
+
+
+def sample(n_prompt: int, n_answer: int, base: int = 0):
+    ids = [np.arange(base, base + n_prompt), np.arange(base + 100, base + 100 + n_answer)]
+    return sample_arrays(ids, [False, True])
+
+
+def test_sample_flags_truncation_and_drops():
+    tokens, flags = sample(3, 4)
+    assert flags.tolist() == [START, 0, 0, LOSS, LOSS, LOSS, LOSS]  # the first token is never a label
+    counts = dict.fromkeys(("truncated", "dropped_overlong", "dropped_unsupervised"), 0)
+    kept = fit(tokens, flags, 5, "truncate", counts)
+    assert kept[1].tolist() == [START, 0, 0, LOSS, LOSS] and counts["truncated"] == 1  # the prompt kept, answer cut
+    assert fit(*sample(6, 4), 5, "truncate", counts) is None  # the prompt alone fills the block
+    assert fit(*sample(3, 4), 5, "drop", counts) is None
+    assert fit(*sample_arrays([np.arange(4)], [False]), 5, "truncate", counts) is None
+    assert counts == {"truncated": 1, "dropped_overlong": 2, "dropped_unsupervised": 1}
+
+
+def test_first_fit_packing_keeps_samples_whole_and_pads_with_masked_segments():
+    lengths = [6, 3, 5, 2, 7, 1, 4, 8, 2]
+    samples = [sample(1, n - 1, base=10 * i) for i, n in enumerate(lengths)]
+    packer = SamplePacker(block_size=8, dtype=np.dtype(np.uint16), pad_id=9999, window=2)
+    blocks, flags = packer.feed(samples)
+    rest = packer.flush()
+    blocks, flags = np.concatenate([blocks, rest[0]]), np.concatenate([flags, rest[1]])
+    # every sample appears exactly once, contiguous, starting at a START flag
+    for tokens, _ in samples:
+        hits = [(r, c) for r in range(len(blocks)) for c in range(8 - len(tokens) + 1)
+                if blocks[r, c:c + len(tokens)].tolist() == tokens.tolist()]
+        assert len(hits) == 1 and flags[hits[0][0], hits[0][1]] == START
+    pad = blocks == 9999
+    assert (flags[pad] & LOSS == 0).all()
+    assert int((~pad).sum()) == sum(lengths)
+    # first fit over a window of 2: [6,2] [3,5] [7,1] [4,2] [8]
+    assert [int((~p).sum()) for p in pad] == [8, 8, 8, 8, 6] or len(blocks) == 5
+    again = SamplePacker(8, np.dtype(np.uint16), 9999, window=2)
+    b2 = np.concatenate([again.feed(samples)[0], again.flush()[0]])
+    assert (b2 == blocks).all()  # deterministic
+
+
+def test_segment_positions_restart_at_every_sample_start():
+    from distclm.loss import masked_labels, segment_positions
+
+    f = torch.tensor([[START, LOSS, LOSS, START, 0, LOSS, START, 0]], dtype=torch.uint8)
+    assert segment_positions(f).tolist() == [[0, 1, 2, 0, 1, 2, 0, 1]]
+    x = torch.arange(8)[None]
+    assert masked_labels(x, f).tolist() == [[-100, 1, 2, -100, -100, 5, -100, -100]]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_masked_loss_and_gradient_match_cross_entropy_with_ignored_targets(fused):
+    from distclm.loss import install, masked_labels, masked_nll_sum, segment_positions
+    from distclm.model import build_model
+
+    model = build_model("gpt2-tiny", 0)
+    install(model, fused)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 50257, (2, 32), generator=g)
+    flags = torch.where(torch.rand(2, 32, generator=g) < 0.5, LOSS, 0).to(torch.uint8)
+    flags[:, 0], flags[0, 17] = START, START
+    got = masked_nll_sum(model, x, flags)
+    got.backward()
+    mine = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    logits = model(input_ids=x, position_ids=segment_positions(flags), use_cache=False).logits[:, :-1]
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)),
+                                            masked_labels(x, flags)[:, 1:].reshape(-1), reduction="sum")
+    ref.backward()
+    assert torch.allclose(got, ref, rtol=1e-5)
+    for a, p in zip(mine, model.parameters()):
+        assert torch.allclose(a, p.grad, rtol=1e-4, atol=1e-5)
