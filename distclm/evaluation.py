@@ -46,7 +46,7 @@ def local_sums(model, blocks, batch_size: int, device, rank: int, world: int,
         if not counted:
             ids = [0]  # an uncounted forward that keeps ZeRO-3's collectives in step
         x = torch.from_numpy(blocks.batch(ids).astype(np.int64)).to(device)  # (B, T)
-        flags = blocks.flags(ids)  # (B, T) LOSS/START of a masked folder, else None
+        flags = blocks.flags(ids) if getattr(blocks, "masked", False) else None  # (B, T) LOSS/START of a masked folder
         loss = nll_sum(model, x, eos, None if flags is None else torch.from_numpy(flags).to(device))
         if counted:
             sums[0] += loss
