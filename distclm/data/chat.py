@@ -57,8 +57,14 @@ def resolve_template(spec: str, own: str | None) -> tuple[str, str]:
 
 def own_template(hf) -> str | None:
     """A transformers tokenizer's own chat template (a string), when it has one."""
-    t = getattr(hf, "chat_template", None)
-    if isinstance(t, dict):  # several named templates: the default one
+    return normalise_template(getattr(hf, "chat_template", None))
+
+
+def normalise_template(t) -> str | None:
+    """A tokenizer config's chat_template (a string, or several named ones) -> the default one's text, or None."""
+    if isinstance(t, list):
+        t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
+    if isinstance(t, dict):
         t = t.get("default")
     return t or None
 
@@ -78,7 +84,7 @@ def compile_template(template: str):
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: "1970-01-01"  # fixed: the same input gives the same bytes
     try:
-        return env.from_string(template)
+        return env.from_string(template), dict(env.globals)
     except TemplateError as exc:
         raise UserError(f"--data.chat_template: not a valid Jinja template ({exc})") from None
 
@@ -92,9 +98,12 @@ def _tojson(value, indent=None, **_):
 def render(template: str, messages: list[dict], add_generation_prompt: bool, specials: dict) -> str:
     from jinja2 import TemplateError
 
+    compiled, names = compile_template(template)
+    # A shared context over one dict of the globals and the variables: Template.render would merge the globals
+    # into a fresh context on every call, most of the cost of rendering a short conversation.
+    variables = {**names, "messages": messages, "add_generation_prompt": add_generation_prompt, **specials}
     try:
-        return compile_template(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                 **specials)
+        return "".join(compiled.root_render_func(compiled.new_context(variables, shared=True)))
     except TemplateError as exc:
         raise ValueError(f"the chat template failed: {exc}") from None
 
@@ -110,6 +119,8 @@ def chat_pieces(messages, template: str, specials: dict, train_on: str) -> list[
             prompt = render(template, messages[:k], True, specials)
             _extend(pieces, done, prompt, False, k)
             done = prompt
+        elif k + 1 < len(messages) and messages[k + 1]["role"] == "assistant":
+            continue  # the next turn's prompt renders this message too, in the same unsupervised piece
         upto = render(template, messages[:k + 1], False, specials)
         _extend(pieces, done, upto, message["role"] == "assistant", k)
         done = upto

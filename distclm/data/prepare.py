@@ -246,7 +246,8 @@ def prepare(cfg: Config, progress=None) -> Prepared:
         encode = lambda chunk: _encode(tok, chunk, eos, dtype)  # noqa: E731
     else:
         splits = SampleSplits(out, d, dtype, tok.eos_token_id, state)
-        chunks = _chunks(_labelled_docs(cfg, start, raw=True), start, size=lambda rec: len(str(rec)))
+        # A chunk of records: ~512 of them (a record's size is not known without serialising it again).
+        chunks = _chunks(_labelled_docs(cfg, start, raw=True), start, size=lambda rec: CHUNK_CHARS // 512)
         encode = lambda chunk: encode_samples(tok, chat_data.renderer, chunk.texts, chunk.labels,  # noqa: E731
                                               chunk.end - len(chunk.texts), d.block_size, d.overlong)
     _stream(cfg, encode, chunks, splits, fp, progress)

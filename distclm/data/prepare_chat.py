@@ -32,9 +32,9 @@ class ChatData:
 
     def __init__(self, d, fmt: str, tok):
         self.fmt = fmt
-        specials = {"eos_token": _token_text(tok, tok.eos_token_id), "bos_token": _bos_text(tok)}
+        specials = {"eos_token": tok.special_text(tok.eos_token_id), "bos_token": tok.bos_token}
         if fmt == "chat":
-            self.template, self.origin = chat.resolve_template(d.chat_template, chat.own_template(tok.hf))
+            self.template, self.origin = chat.resolve_template(d.chat_template, tok.chat_template())
             tail, eot = chat.end_of_turn(self.template, specials, lambda text: tok.encode_arrays([text])[0])
         else:
             self.template, self.origin = None, None
@@ -52,15 +52,6 @@ class ChatData:
         return {"version": VERSION_MASKED, "data_format": self.fmt, "train_on": d.train_on, "overlong": d.overlong,
                 "chat_template": self.template, "chat_template_sha256": chat.template_sha256(self.template),
                 "chat_template_origin": self.origin, "end_of_turn": self.end_of_turn}
-
-
-def _token_text(tok, token_id: int) -> str:
-    return tok.hf.convert_ids_to_tokens(int(token_id))
-
-
-def _bos_text(tok) -> str:
-    bos = getattr(tok.hf, "bos_token", None)
-    return bos if isinstance(bos, str) else ""
 
 
 class SampleSplits:

@@ -107,23 +107,31 @@ class SamplePacker:
 
     def __init__(self, block_size: int, dtype: np.dtype, pad_id: int, window: int = WINDOW, state=None):
         self.block_size, self.dtype, self.pad_id, self.window = block_size, dtype, pad_id, window
-        # Open blocks: (tokens, flags) lists of the samples placed so far, oldest first.
-        self.open = [(list(t), list(f)) for t, f in (state or [])]
+        # Open blocks, oldest first: [tokens (T,), flags (T,), tokens used]; a new one starts as padding.
+        self.open = []
+        for tokens, flags in state or []:
+            block = self._new()
+            block[0][:len(tokens)], block[1][:len(flags)], block[2] = tokens, flags, len(tokens)
+            self.open.append(block)
+
+    def _new(self) -> list:
+        return [np.full(self.block_size, self.pad_id, dtype=self.dtype), np.zeros(self.block_size, np.uint8), 0]
 
     def feed(self, samples: list) -> tuple[np.ndarray, np.ndarray]:
         """Samples (each no longer than the block) -> the blocks closed by them: (n, T) tokens and flags."""
         done = []
         for tokens, flags in samples:
             n = len(tokens)
-            slot = next((i for i, (t, _) in enumerate(self.open) if len(t) + n <= self.block_size), None)
+            slot = next((i for i, b in enumerate(self.open) if b[2] + n <= self.block_size), None)
             if slot is None:
                 if len(self.open) == self.window:
                     done.append(self.open.pop(0))
-                self.open.append(([], []))
+                self.open.append(self._new())
                 slot = len(self.open) - 1
-            self.open[slot][0].extend(tokens.tolist())
-            self.open[slot][1].extend(flags.tolist())
-            if len(self.open[slot][0]) == self.block_size:
+            block = self.open[slot]
+            block[0][block[2]:block[2] + n], block[1][block[2]:block[2] + n] = tokens, flags
+            block[2] += n
+            if block[2] == self.block_size:
                 done.append(self.open.pop(slot))
         return self._pad(done)
 
@@ -133,14 +141,13 @@ class SamplePacker:
         return self._pad(done)
 
     def _pad(self, blocks: list) -> tuple[np.ndarray, np.ndarray]:
-        t = np.full((len(blocks), self.block_size), self.pad_id, dtype=self.dtype)
-        f = np.zeros((len(blocks), self.block_size), dtype=np.uint8)
-        for row, (tokens, flags) in enumerate(blocks):
-            t[row, :len(tokens)] = tokens
-            f[row, :len(flags)] = flags
-            if len(flags) < self.block_size:
-                f[row, len(flags)] = START  # the padding is a segment of its own
+        t = np.empty((len(blocks), self.block_size), dtype=self.dtype)
+        f = np.empty((len(blocks), self.block_size), dtype=np.uint8)
+        for row, (tokens, flags, used) in enumerate(blocks):
+            t[row], f[row] = tokens, flags
+            if used < self.block_size:
+                f[row, used] = START  # the padding is a segment of its own
         return t, f
 
     def state(self) -> list:
-        return [[t, f] for t, f in self.open]
+        return [[b[0][:b[2]].tolist(), b[1][:b[2]].tolist()] for b in self.open]

@@ -39,7 +39,7 @@ def test_a_tokenizer_template_gets_its_own_end_of_turn():
 def test_a_template_that_rewrites_the_past_is_refused():
     # The last message is rendered differently from the others: prefixes do not extend each other.
     odd = "{% for m in messages %}{% if loop.last %}[{{ m['content'] }}]{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
-    with pytest.raises(ValueError, match="not prefix-stable at message 1"):
+    with pytest.raises(ValueError, match="not prefix-stable at message 2"):
         chat.chat_pieces(CONVO, odd, SPECIALS, "assistant")
 
 
