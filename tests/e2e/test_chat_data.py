@@ -112,3 +112,40 @@ def test_generate_in_chat_mode_stops_at_end_of_turn_and_prints_only_the_answer()
     k = next(i for i in range(1, len(new)) if new[i] not in new[:i])  # a token first seen at position k
     answer = generate(model, tok, ["What is a list?"], gen, chat=(DEFAULT_TEMPLATE, [tok.eos_token_id, new[k]]))
     assert answer == [[tok.decode(new[:k], skip_special_tokens=True)]]  # only the answer, cut at the end of turn
+
+
+def test_an_interrupted_chat_prepare_resumes_to_identical_bytes(tmp_path):
+    """Stopped right after the first resume state is saved (open blocks of the packer, counters and all), then run
+    again: the same bytes as a run that was never stopped."""
+    import gzip
+
+    from distclm.config import build_config
+    from distclm.data.prepare import prepare as prepare_fn
+    from distclm.data.sources import PYDOC_CHAT
+
+    rows = [json.loads(line) for line in gzip.open(PYDOC_CHAT, "rt")] * 4  # 1,632 records: 4 chunks
+    write_jsonl(tmp_path / "chat.jsonl", rows)
+
+    def cfg(out):
+        return build_config(None, None, {"data.source": str(tmp_path / "chat.jsonl"), "data.block_size": "64",
+                                         "data.shard_blocks": "40", "data.num_workers": "1", "data.dir": str(out)})
+
+    class Stop(Exception):
+        pass
+
+    class StopAfterState:
+        def update(self, **_):
+            if (tmp_path / "cut" / ".prepare-state.json").exists():
+                raise Stop
+
+        def note(self, _):
+            pass
+
+    prepare_fn(cfg(tmp_path / "whole"))
+    with pytest.raises(Stop):
+        prepare_fn(cfg(tmp_path / "cut"), StopAfterState())
+    assert not (tmp_path / "cut" / "manifest.json").exists()
+    state = json.loads((tmp_path / "cut" / ".prepare-state.json").read_text())
+    assert 0 < state["next_doc"] < len(rows) and state["splits"]["train"]["open"]  # mid-corpus, blocks open
+    prepare_fn(cfg(tmp_path / "cut"))
+    assert output_bytes(tmp_path / "cut") == output_bytes(tmp_path / "whole")
