@@ -7,6 +7,8 @@ the labels per block range widely (the mean of per-micro-batch means is measurab
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -72,10 +74,33 @@ def reference_losses(data, micro=2, accum=4, lr=1e-3, wd=0.01, clip=1.0) -> tupl
 
 
 @pytest.fixture(scope="module")
-def two_procs(chat_blocks, tmp_path_factory):
+def two_procs_run(chat_blocks, tmp_path_factory):
     run = tmp_path_factory.mktemp("chat-two")
     train(2, run, chat_blocks, *ARGS, "--train.grad_accum=2")
-    return step_losses(run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def two_procs(two_procs_run):
+    return step_losses(two_procs_run)
+
+
+def test_eval_counts_only_labels_and_the_export_speaks_the_data_template(chat_blocks, two_procs_run):
+    from transformers import AutoTokenizer
+
+    from distclm.loss import label_count
+
+    val = BlockReader(chat_blocks).split("validation")
+    labels = label_count(val.flags(range(4)))  # --eval.max_blocks=4
+    ev = read_metrics(two_procs_run, "eval")[STEPS]
+    print(f"eval over {ev['eval_tokens']} labels of {4 * 63} predicted positions: loss {ev['eval_loss']:.4f}")
+    assert ev["eval_tokens"] == labels < 4 * 63
+    manifest = json.loads((chat_blocks / "manifest.json").read_text())
+    tok = AutoTokenizer.from_pretrained(two_procs_run / "export")
+    assert tok.chat_template == manifest["chat_template"]
+    messages = [{"role": "user", "content": "What is a list?"}]
+    assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+        "<|im_start|>user\nWhat is a list?<|endoftext|><|im_start|>assistant\n"
 
 
 def test_exact_loss_on_two_processes_matches_the_bare_loop(chat_blocks, two_procs):
