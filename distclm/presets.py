@@ -21,7 +21,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "chat-demo": {
         "data": {"source": "pydoc-chat", "dir": "data/pydoc-chat", "block_size": 256, "val_fraction": 0.1},
         "model": {"name": "gpt2-tiny"},
-        "train": {"strategy": "ddp", "lr": 1e-3, "epochs": 2, "warmup_steps": 5, "micro_batch_size": 8},
+        "train": {"strategy": "ddp", "lr": 2e-3, "epochs": 3, "warmup_steps": 10, "micro_batch_size": 4},
         "eval": {"batch_size": 16},
         "gen": {"prompt": "What is a list in Python?", "max_new_tokens": 60, "chat": True},
         "run": {"dir": "runs/chat-demo"},

@@ -142,7 +142,8 @@ def _extend(pieces: list, done: str, longer: str, supervised: bool, turn: int) -
 
 def completion_pieces(prompt, completion, eos_text: str, train_on: str) -> list[tuple[str, bool]]:
     if not isinstance(prompt, str) or not isinstance(completion, str):
-        raise ValueError("prompt and completion must be strings")
+        raise ValueError("prompt and completion must be strings (a conversation goes in a messages list with "
+                         "--data.format=chat)")
     return [(prompt, train_on == "all"), (completion + eos_text, True)]
 
 
