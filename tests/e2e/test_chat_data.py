@@ -149,3 +149,16 @@ def test_an_interrupted_chat_prepare_resumes_to_identical_bytes(tmp_path):
     assert 0 < state["next_doc"] < len(rows) and state["splits"]["train"]["open"]  # mid-corpus, blocks open
     prepare_fn(cfg(tmp_path / "cut"))
     assert output_bytes(tmp_path / "cut") == output_bytes(tmp_path / "whole")
+
+
+def test_a_mixture_of_text_and_chat_folders_reads_text_blocks_as_all_labels(cli, tmp_path, pydoc_prepared):
+    from distclm.data.loader import MixedBlocks
+
+    prepare(cli, tmp_path / "chat", "--data.source=pydoc-chat", "--data.max_docs=80", "--data.block_size=128")
+    text, chat_split = BlockReader(pydoc_prepared).split("train"), BlockReader(tmp_path / "chat").split("train")
+    assert text.flags([0]) is None  # version 1: every token a label
+    mixed = MixedBlocks([text, chat_split])
+    f = mixed.flags([1, len(text) + 2])
+    assert f[0, 0] == START and (f[0, 1:] == LOSS).all()
+    assert (f[1] == chat_split.flags([2])[0]).all()
+    assert MixedBlocks([text, text]).flags([0]) is None
