@@ -114,7 +114,8 @@ def test_exact_loss_on_two_processes_matches_the_bare_loop(chat_blocks, two_proc
 
 
 @pytest.mark.extended
-@pytest.mark.parametrize("nproc, accum", [(1, 4), (4, 1)])
-def test_exact_loss_on_one_and_four_processes(chat_blocks, two_procs, tmp_path, nproc, accum):
-    train(nproc, tmp_path / "run", chat_blocks, *ARGS, f"--train.grad_accum={accum}")
+@pytest.mark.parametrize("nproc, accum, strategy", [(1, 4, "ddp"), (4, 1, "ddp"), (2, 2, "zero2")])
+def test_exact_loss_on_one_and_four_processes_and_under_zero(chat_blocks, two_procs, tmp_path, nproc, accum, strategy):
+    """DeepSpeed divides each backward by its accumulation steps itself (scale_wrt_gas): the same losses."""
+    train(nproc, tmp_path / "run", chat_blocks, *ARGS, f"--train.grad_accum={accum}", f"--train.strategy={strategy}")
     np.testing.assert_allclose(step_losses(tmp_path / "run"), two_procs, rtol=0, atol=1e-5)
