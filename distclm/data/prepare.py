@@ -292,9 +292,13 @@ def _manifest(cfg: Config, tok: Tokenizer, dtype: np.dtype, s: dict, fp: str, sp
     if splits["train"]["n_blocks"] == 0:
         _cleanup(Path(d.dir))
         total = sum(v["n_tokens"] for v in splits.values())
+        t = splits["train"]
+        why = (f"{t['samples']} samples read, {t['dropped_overlong']} dropped as overlong, {t['dropped_unsupervised']} "
+               f"with no token that gets loss; check --data.format, --data.train_on, --data.overlong") \
+            if "samples" in t else "check --data.text_field"
         raise UserError(f"--data.source={d.source}: the corpus gave no training block ({total} tokens in "
-                        f"{sum(v['n_docs'] for v in splits.values())} non-empty documents, block_size {d.block_size}); "
-                        f"check --data.text_field, --data.max_docs and --data.block_size")
+                        f"{sum(v['n_docs'] for v in splits.values())} non-empty documents, block_size {d.block_size}; "
+                        f"{why}, --data.max_docs and --data.block_size")
     return {
         "format": FORMAT, "version": VERSION, "dtype": dtype.name, "block_size": d.block_size,
         "vocab_size": tok.vocab_size, "eos_token_id": tok.eos_token_id,

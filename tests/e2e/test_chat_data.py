@@ -162,3 +162,20 @@ def test_a_mixture_of_text_and_chat_folders_reads_text_blocks_as_all_labels(cli,
     assert f[0, 0] == START and (f[0, 1:] == LOSS).all()
     assert (f[1] == chat_split.flags([2])[0]).all()
     assert MixedBlocks([text, text]).flags([0]) is None
+
+
+@pytest.mark.extended
+def test_run_chat_demo_samples_only_an_answer(tmp_path):
+    """`distclm run --preset=chat-demo`, shrunk to 6 steps on 1 process: the sample is the answer alone (the
+    prompt's question is not printed back), and the export renders prompts with the data's template."""
+    from tests.support.env import REPO, child_env
+
+    args = ["run", "--preset=chat-demo", f"--data.dir={tmp_path / 'data'}", f"--run.dir={tmp_path / 'run'}",
+            "--train.max_steps=6", "--run.nproc=1", "--gen.max_new_tokens=12", "--gen.do_sample=false"]
+    r = run_cli(*args, cwd=REPO, env=child_env(OMP_NUM_THREADS="1"), timeout=600)
+    assert r.code == 0, r.err[-3000:]
+    lines = r.out.splitlines()
+    sample = lines[lines.index(next(ln for ln in lines if ln.startswith("== sample"))) + 1]
+    assert "What is a list in Python?" not in sample and "<|im_start|>" not in sample
+    assert (tmp_path / "run" / "export" / "chat_template.jinja").exists() or \
+        "chat_template" in (tmp_path / "run" / "export" / "tokenizer_config.json").read_text()
