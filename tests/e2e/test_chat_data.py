@@ -171,7 +171,7 @@ def test_run_chat_demo_samples_only_an_answer(tmp_path):
     from tests.support.env import REPO, child_env
 
     args = ["run", "--preset=chat-demo", f"--data.dir={tmp_path / 'data'}", f"--run.dir={tmp_path / 'run'}",
-            "--train.max_steps=6", "--run.nproc=1", "--gen.max_new_tokens=12", "--gen.do_sample=false"]
+            "--train.max_steps=6", "--run.nproc=1", "--gen.max_new_tokens=12"]
     r = run_cli(*args, cwd=REPO, env=child_env(OMP_NUM_THREADS="1"), timeout=600)
     assert r.code == 0, r.err[-3000:]
     lines = r.out.splitlines()
