@@ -3,6 +3,10 @@
     read + extract (main thread) -> tokenize (thread pool, results taken in submission order)
       -> EOS after each document -> per-split Packer -> SplitWriter shards -> manifest.json last
 
+Chat / prompt_completion records (--data.format, detected from the first record) take the same pool and
+resume state with other parts (prepare_chat.py): records -> pieces rendered by the chat template ->
+tokens + loss flags (samples.py) -> whole samples packed first-fit -> shards + mask shards + a version-2 manifest.
+
 Memory is bounded by the chunks in flight (2 per worker, ~1 MB of text each) whatever the corpus
 size. Output depends only on the documents and the settings that the fingerprint covers: not on
 worker count, chunk size or timing. Nothing here imports torch.
@@ -239,17 +243,7 @@ def prepare(cfg: Config, progress=None) -> Prepared:
     if state and progress:
         progress.note(f"resuming an interrupted prepare from document {start}")
     t_stream = time.perf_counter()
-    if chat_data is None:
-        splits = Splits(out, d, dtype, state)
-        eos = tok.eos_token_id if d.eos_between_docs else None
-        chunks = _chunks(_labelled_docs(cfg, start), start)
-        encode = lambda chunk: _encode(tok, chunk, eos, dtype)  # noqa: E731
-    else:
-        splits = SampleSplits(out, d, dtype, tok.eos_token_id, state)
-        # A chunk of records: ~512 of them (a record's size is not known without serialising it again).
-        chunks = _chunks(_labelled_docs(cfg, start, raw=True), start, size=lambda rec: CHUNK_CHARS // 512)
-        encode = lambda chunk: encode_samples(tok, chat_data.renderer, chunk.texts, chunk.labels,  # noqa: E731
-                                              chunk.end - len(chunk.texts), d.block_size, d.overlong)
+    splits, chunks, encode = _parts(cfg, tok, dtype, chat_data, state, start)
     _stream(cfg, encode, chunks, splits, fp, progress)
     manifest = {**_manifest(cfg, tok, dtype, s, fp, splits.finish()),
                 **(chat_data.manifest(d) if chat_data is not None else {})}
@@ -257,6 +251,20 @@ def prepare(cfg: Config, progress=None) -> Prepared:
     (out / STATE).unlink(missing_ok=True)
     t_end = time.perf_counter()
     return Prepared(manifest, t_end - t0, False, tok.backend, t_end - t_stream)
+
+
+def _parts(cfg: Config, tok: Tokenizer, dtype: np.dtype, chat_data: ChatData | None, state, start: int):
+    """(the split outputs, the chunks of documents from `start` on, how a worker encodes a chunk) for the format."""
+    d, out = cfg.data, Path(cfg.data.dir)
+    if chat_data is None:
+        eos = tok.eos_token_id if d.eos_between_docs else None
+        return (Splits(out, d, dtype, state), _chunks(_labelled_docs(cfg, start), start),
+                lambda chunk: _encode(tok, chunk, eos, dtype))
+    # A chunk of records: ~512 of them (a record's size is not known without serialising it again).
+    chunks = _chunks(_labelled_docs(cfg, start, raw=True), start, size=lambda rec: CHUNK_CHARS // 512)
+    return (SampleSplits(out, d, dtype, tok.eos_token_id, state), chunks,
+            lambda chunk: encode_samples(tok, chat_data.renderer, chunk.texts, chunk.labels,
+                                         chunk.end - len(chunk.texts), d.block_size, d.overlong))
 
 
 def _stream(cfg: Config, encode, chunks, splits, fp: str, progress) -> None:
