@@ -123,3 +123,6 @@ def test_masked_loss_and_gradient_match_cross_entropy_with_ignored_targets(fused
     assert torch.allclose(got, ref, rtol=1e-5)
     for a, p in zip(mine, model.parameters()):
         assert torch.allclose(a, p.grad, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # eval: the float64 sum over the labels only
+        evaluated = masked_nll_sum(model, x, flags)
+    assert evaluated.dtype == torch.float64 and abs(float(evaluated) - float(ref)) < 1e-3
