@@ -39,6 +39,7 @@ def test_chat_prepare_is_byte_identical_for_any_worker_count_and_reports_packing
     assert int(((flags[:, 1:] & LOSS) != 0).sum()) == t["n_supervised"]
     out = cli("inspect", str(tmp_path / "w1")).out
     assert "packing efficiency" in out and "supervised share" in out and "dropped with no supervised token" in out
+    assert "<|im_start|>assistant\n[[" in out and "<|endoftext|>]]" in out  # the answers marked, with their EOS
 
 
 def test_prompt_completion_mask_is_the_completion_and_its_eos(cli, tmp_path, hf_gpt2):
