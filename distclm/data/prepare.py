@@ -41,6 +41,7 @@ from distclm.errors import UserError
 STATE = ".prepare-state.json"
 CHUNK_CHARS = 1 << 20  # ~1 MB of text per tokenize task: large enough to amortise, small for memory
 CHUNK_DOCS = 4096
+CHAT_CHUNK = 128  # records per chunk of chat / prompt_completion records
 
 
 def split_of(position: int, seed: int, val_fraction: float) -> str:
@@ -260,8 +261,9 @@ def _parts(cfg: Config, tok: Tokenizer, dtype: np.dtype, chat_data: ChatData | N
         eos = tok.eos_token_id if d.eos_between_docs else None
         return (Splits(out, d, dtype, state), _chunks(_labelled_docs(cfg, start), start),
                 lambda chunk: _encode(tok, chunk, eos, dtype))
-    # A chunk of records: ~512 of them (a record's size is not known without serialising it again).
-    chunks = _chunks(_labelled_docs(cfg, start, raw=True), start, size=lambda rec: CHUNK_CHARS // 512)
+    # A chunk of records: ~128 of them (a record's size is not known without serialising it again). Smaller than
+    # text chunks: rendering holds the GIL, so the tokenizing of one chunk overlaps the rendering of the next.
+    chunks = _chunks(_labelled_docs(cfg, start, raw=True), start, size=lambda rec: CHUNK_CHARS // CHAT_CHUNK)
     return (SampleSplits(out, d, dtype, tok.eos_token_id, state), chunks,
             lambda chunk: encode_samples(tok, chat_data.renderer, chunk.texts, chunk.labels,
                                          chunk.end - len(chunk.texts), d.block_size, d.overlong))
