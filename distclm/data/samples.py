@@ -46,59 +46,55 @@ class Renderer:
                                       self.specials["eos_token"], d.train_on)
 
 
-def sample_arrays(ids: list[np.ndarray], supervised: list[bool]) -> tuple[np.ndarray, np.ndarray]:
-    """One sample's pieces' token ids -> (tokens int64 (L,), flags uint8 (L,))."""
+def chunk_arrays(ids: list[np.ndarray], supervised: list[bool], n_pieces: list[int]):
+    """The pieces' ids of a chunk of samples -> (tokens int64, flags uint8, sample starts, sample ends): one
+    array op per chunk rather than several per sample. flags = LOSS on supervised pieces, START (never LOSS) on
+    each sample's first token: nothing of its own sample predicts it."""
+    lengths = np.fromiter((len(i) for i in ids), np.int64, len(ids))
     tokens = np.concatenate(ids).astype(np.int64) if ids else np.zeros(0, np.int64)
-    flags = np.concatenate([np.full(len(i), LOSS if s else 0, np.uint8) for i, s in zip(ids, supervised)]) \
-        if ids else np.zeros(0, np.uint8)
-    if len(flags):
-        flags[0] = START  # predicted from nothing of its own sample: never a label
-    return tokens, flags
-
-
-def fit(tokens: np.ndarray, flags: np.ndarray, block_size: int, overlong: str, counts: dict):
-    """A sample cut to the block (or None when dropped), counted in `counts`."""
-    if len(tokens) > block_size:
-        if overlong == "drop":
-            counts["dropped_overlong"] += 1
-            return None
-        tokens, flags = tokens[:block_size], flags[:block_size]
-        if not (flags & LOSS).any():  # its prompt alone fills the block
-            counts["dropped_overlong"] += 1
-            return None
-        counts["truncated"] += 1
-    if not (flags & LOSS).any():
-        counts["dropped_unsupervised"] += 1
-        return None
-    return tokens, flags
+    flags = np.repeat(np.where(supervised, LOSS, 0).astype(np.uint8), lengths)
+    piece_ends = np.concatenate([[0], np.cumsum(lengths)])
+    ends = piece_ends[np.cumsum(n_pieces, dtype=np.int64)]
+    starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
+    flags[starts[ends > starts]] = START
+    return tokens, flags, starts, ends
 
 
 def encode_samples(tok, renderer: Renderer, records: list, labels: list[str], first: int, block_size: int,
                    overlong: str) -> dict:
-    """A chunk of records -> {split: (samples [(tokens, flags)], counts)}. Runs in a worker thread."""
-    texts, owners = [], []
+    """A chunk of records -> {split: (samples [(tokens, flags)], counts)}, each sample cut to the block or dropped
+    (module docstring). Runs in a worker thread."""
+    texts, supervised, n_pieces = [], [], []
     for i, record in enumerate(records):
         try:
             pieces = renderer.pieces(record)
         except ValueError as exc:
             raise UserError(f"--data.source={renderer.d.source}, record {first + i}: {exc}") from None
         texts += [text for text, _ in pieces]
-        owners.append([sup for _, sup in pieces])
-    ids = tok.encode_arrays(texts)
+        supervised += [sup for _, sup in pieces]
+        n_pieces.append(len(pieces))
+    tokens, flags, starts, ends = chunk_arrays(tok.encode_arrays(texts), supervised, n_pieces)
+    labelled = (flags & LOSS) != 0
+    # running counts: labels (and end-of-turn labels) in tokens[s:e] = cum[e] - cum[s]
+    lab = np.concatenate([[0], np.cumsum(labelled)]).tolist()
+    eot = np.concatenate([[0], np.cumsum(labelled & (tokens == renderer.eot_id))]).tolist() \
+        if renderer.eot_id is not None else [0] * len(lab)
     out = {split: ([], dict.fromkeys(COUNTERS, 0)) for split in set(labels)}
-    at = 0
-    for sup, label in zip(owners, labels):
-        tokens, flags = sample_arrays(ids[at:at + len(sup)], sup)
-        at += len(sup)
+    for s, e, label in zip(starts.tolist(), ends.tolist(), labels):
         samples, counts = out[label]
         counts["samples"] += 1
-        kept = fit(tokens, flags, block_size, overlong, counts)
-        if kept is not None:
-            samples.append(kept)
-            labelled = kept[1] & LOSS != 0
-            counts["n_supervised"] += int(labelled.sum())
-            if renderer.eot_id is not None:
-                counts["eot_supervised"] += int((kept[0][labelled] == renderer.eot_id).sum())
+        if e - s > block_size:
+            e = s + block_size  # truncated: the head kept, the prompt first
+            if overlong == "drop" or lab[e] == lab[s]:  # dropped, or its prompt alone fills the block
+                counts["dropped_overlong"] += 1
+                continue
+            counts["truncated"] += 1
+        if lab[e] == lab[s]:
+            counts["dropped_unsupervised"] += 1
+            continue
+        samples.append((tokens[s:e], flags[s:e]))
+        counts["n_supervised"] += lab[e] - lab[s]
+        counts["eot_supervised"] += eot[e] - eot[s]
     return out
 
 

@@ -9,7 +9,7 @@ import torch
 
 from distclm.data import chat
 from distclm.data.blocks import LOSS, START
-from distclm.data.samples import SamplePacker, fit, sample_arrays
+from distclm.data.samples import Renderer, SamplePacker, chunk_arrays, encode_samples
 
 SPECIALS = {"eos_token": "<|endoftext|>", "bos_token": ""}
 CONVO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a list?"},
@@ -54,20 +54,49 @@ def test_prompt_completion_and_format_detection():
 
 
 def sample(n_prompt: int, n_answer: int, base: int = 0):
-    ids = [np.arange(base, base + n_prompt), np.arange(base + 100, base + 100 + n_answer)]
-    return sample_arrays(ids, [False, True])
+    """A sample's (tokens, flags) as chunk_arrays makes them: a prompt piece, then an answer piece."""
+    tokens, flags, _, _ = chunk_arrays([np.arange(base, base + n_prompt), np.arange(base + 100, base + 100 + n_answer)],
+                                       [False, True], [2])
+    return tokens, flags
+
+
+def encode(rows, block_size=5, overlong="truncate"):
+    """prompt_completion rows of " a" x n (n GPT-2 tokens each) through the real tokenizer -> (samples, counts)."""
+    from types import SimpleNamespace
+
+    from distclm.data.tokenize import load_tokenizer
+
+    d = SimpleNamespace(prompt_field="prompt", completion_field="completion", train_on="assistant", source="rows")
+    renderer = Renderer(d, "prompt_completion", None, SPECIALS, 50256)
+    records = [{"prompt": " a" * p, "completion": " b" * c} for p, c in rows]
+    return encode_samples(load_tokenizer("gpt2"), renderer, records, ["train"] * len(rows), 0, block_size,
+                          overlong)["train"]
 
 
 def test_sample_flags_truncation_and_drops():
-    tokens, flags = sample(3, 4)
-    assert flags.tolist() == [START, 0, 0, LOSS, LOSS, LOSS, LOSS]  # the first token is never a label
-    counts = dict.fromkeys(("truncated", "dropped_overlong", "dropped_unsupervised"), 0)
-    kept = fit(tokens, flags, 5, "truncate", counts)
-    assert kept[1].tolist() == [START, 0, 0, LOSS, LOSS] and counts["truncated"] == 1  # the prompt kept, answer cut
-    assert fit(*sample(6, 4), 5, "truncate", counts) is None  # the prompt alone fills the block
-    assert fit(*sample(3, 4), 5, "drop", counts) is None
-    assert fit(*sample_arrays([np.arange(4)], [False]), 5, "truncate", counts) is None
-    assert counts == {"truncated": 1, "dropped_overlong": 2, "dropped_unsupervised": 1}
+    (kept, counts) = encode([(2, 2)], block_size=8)
+    assert kept[0][1].tolist() == [START, 0, LOSS, LOSS, LOSS]  # the first token is never a label; EOS is one
+    assert counts["n_supervised"] == 3 and counts["eot_supervised"] == 1
+    kept, counts = encode([(3, 4), (6, 4), (2, 0), (1, 1)], block_size=5)
+    # (3, 4) cut: the prompt kept, the answer cut (and its EOS); (6, 4): the prompt alone fills the block;
+    # (2, 0): an empty completion still teaches the EOS
+    assert [f.tolist() for _, f in kept] == [[START, 0, 0, LOSS, LOSS], [START, 0, LOSS], [START, LOSS, LOSS]]
+    assert (counts["samples"], counts["truncated"], counts["dropped_overlong"], counts["eot_supervised"]) == (4, 1, 1, 2)
+    kept, counts = encode([(3, 4)], block_size=5, overlong="drop")
+    assert not kept and counts["dropped_overlong"] == 1
+
+
+def test_a_conversation_without_an_answer_is_dropped_and_counted():
+    from types import SimpleNamespace
+
+    from distclm.data.tokenize import load_tokenizer
+
+    d = SimpleNamespace(messages_field="messages", train_on="assistant", source="rows")
+    renderer = Renderer(d, "chat", chat.DEFAULT_TEMPLATE, SPECIALS, 50256)
+    records = [{"messages": CONVO[:2]}, {"messages": CONVO[:3]}]
+    kept, counts = encode_samples(load_tokenizer("gpt2"), renderer, records, ["train", "train"], 0, 128,
+                                  "truncate")["train"]
+    assert len(kept) == 1 and counts["dropped_unsupervised"] == 1 and counts["eot_supervised"] == 1
 
 
 def test_first_fit_packing_keeps_samples_whole_and_pads_with_masked_segments():
@@ -125,4 +154,4 @@ def test_masked_loss_and_gradient_match_cross_entropy_with_ignored_targets(fused
         assert torch.allclose(a, p.grad, rtol=1e-4, atol=1e-5)
     with torch.no_grad():  # eval: the float64 sum over the labels only
         evaluated = masked_nll_sum(model, x, flags)
-    assert evaluated.dtype == torch.float64 and abs(float(evaluated) - float(ref)) < 1e-3
+    assert evaluated.dtype == torch.float64 and abs(float(evaluated) - ref.item()) < 1e-3
