@@ -1,6 +1,9 @@
 """Side-by-side benchmark of `distclm prepare` against the Hugging Face causal-LM tutorial's preprocessing.
 
-    python bench/prepare.py [--corpus PATH] [--repeats N] [--quick]      (or `make bench`)
+    python bench/prepare.py [--corpus PATH] [--repeats N] [--quick] [--chat-only]      (or `make bench`)
+
+The chat row (bench/prepare_chat.py) follows the text table: chat prepare against the text path on the same
+records of the shipped chat corpus.
 
 Measured in one run, on the same corpus (default ../shared/corpora/pydocs.jsonl.gz, text field
 `answers.text` joined with " "), block size 128:
@@ -326,6 +329,18 @@ def report(corpus: Path, repeats: int, tut: dict, floor: dict, inproc: dict, cli
     return "\n".join(lines) + "\n"
 
 
+def chat_table(args, repeats: int) -> list[str]:
+    """The chat row: chat prepare vs the text path on the same records (bench/prepare_chat.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from prepare_chat import chat_rows
+
+    with tempfile.TemporaryDirectory(prefix="bench-prepare-chat-") as tmp:
+        # this checkout's distclm in the child too, installed or not
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        return chat_rows(Path(tmp), repeats, lambda cmd: run_measured(cmd, env=env),
+                         [sys.executable, "-m", "distclm.cli"], lambda: wait_quiet(args.settle) if args.settle > 0 else None)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="a .jsonl(.gz) with an answers.text field")
@@ -333,10 +348,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="one run per measurement (a smoke run)")
     ap.add_argument("--settle", type=float, default=30.0,
                     help="seconds to wait, at most, for other processes to go quiet before each measurement (0: never)")
+    ap.add_argument("--chat-only", action="store_true", help="only the chat row (chat vs text on the chat corpus)")
     ap.add_argument("--tutorial-child", metavar="CORPUS", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.tutorial_child:
         tutorial_child(args.tutorial_child)
+        return 0
+    if args.chat_only:
+        print("\n".join(chat_table(args, 1 if args.quick else max(1, args.repeats))))
         return 0
     corpus = args.corpus.resolve()
     if not corpus.is_file():
@@ -376,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         other = (statistics.median(loads), max(loads)) if loads else None
         torch_imported = imports_torch(corpus, work / "torch-check")
     table = report(corpus, repeats, *(summarise(runs[name]) for name in names), torch_imported, other)
+    table += "\n" + "\n".join(chat_table(args, repeats)) + "\n"
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(table, encoding="utf-8")
     print(table, end="")

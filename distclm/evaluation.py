@@ -4,6 +4,8 @@ Each rank takes a disjoint contiguous slice of the split's blocks (no padding, n
 
     rank r of W gets blocks [n*r//W, n*(r+1)//W)
     global_loss = sum_ranks(sum of token NLL) / sum_ranks(predicted tokens)      (float64, one all-reduce)
+
+(a masked folder, chat / prompt_completion: over its labels only, the supervised tokens)
     perplexity  = exp(global_loss)
 
 The loss is the cross-entropy alone: a mixture of experts' own loss, given labels, also
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 
 from distclm import dist
-from distclm.loss import nll_sum
+from distclm.loss import label_count, nll_sum
 
 
 def rank_slice(n: int, rank: int, world: int) -> range:
@@ -46,10 +48,12 @@ def local_sums(model, blocks, batch_size: int, device, rank: int, world: int,
         if not counted:
             ids = [0]  # an uncounted forward that keeps ZeRO-3's collectives in step
         x = torch.from_numpy(blocks.batch(ids).astype(np.int64)).to(device)  # (B, T)
-        loss = nll_sum(model, x, eos)
+        flags = blocks.flags(ids) if getattr(blocks, "masked", False) else None  # (B, T) LOSS/START of a masked folder
+        loss = nll_sum(model, x, eos, None if flags is None else torch.from_numpy(flags).to(device))
         if counted:
             sums[0] += loss
-            sums[1] += x.numel() - x.size(0)  # B x (T - 1) predicted tokens
+            # B x (T - 1) predicted tokens; in a masked folder, the labels among them
+            sums[1] += x.numel() - x.size(0) if flags is None else label_count(flags)
     return sums
 
 

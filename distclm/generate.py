@@ -62,18 +62,52 @@ def generation_kwargs(gen, pad_token_id: int) -> dict:
     return kwargs
 
 
-def generate(model, tokenizer, prompts: list[str], gen, device=None, synced: bool = False) -> list[list[str]]:
+def chat_setup(tokenizer, data_dir: str | None) -> tuple[str, list[int]]:
+    """--gen.chat: the template (the model tokenizer's own, else the one recorded by --data.dir) and the ids that
+    end an answer (EOS and the template's end-of-turn token)."""
+    from distclm.data import chat
+
+    template = chat.own_template(tokenizer)
+    if template is None and data_dir:
+        from distclm.data.blocks import read_manifest
+
+        m = read_manifest(str(data_dir).split(",")[0])
+        # prompt_completion data has no template: the prompt as it is, the completion closed by EOS
+        template = chat.PLAIN_TEMPLATE if m.get("data_format") == "prompt_completion" else m.get("chat_template")
+    if template is None:
+        raise UserError("--gen.chat=true: the model's tokenizer has no chat template and no --data.dir of chat data "
+                        "records one; give --data.dir=<the prepared chat folder>")
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    _, eot = chat.end_of_turn(template, chat_specials(tokenizer), encode)
+    return template, sorted({tokenizer.eos_token_id, *([eot] if eot is not None else [])})
+
+
+def chat_specials(tokenizer) -> dict:
+    return {"eos_token": tokenizer.eos_token, "bos_token": tokenizer.bos_token or ""}
+
+
+def generate(model, tokenizer, prompts: list[str], gen, device=None, synced: bool = False,
+             chat: tuple[str, list[int]] | None = None) -> list[list[str]]:
     """For each prompt, `num_return_sequences` full texts (prompt + continuation). `synced`: every rank of a
-    ZeRO-3 group runs this together (forwards continue until all ranks are done)."""
+    ZeRO-3 group runs this together (forwards continue until all ranks are done). `chat` (template, stop ids):
+    each prompt is a user turn rendered with the template and its generation prompt, tokenized as in training
+    (no special tokens added beyond the template's); generation stops at a stop id; only the answer is returned."""
     from transformers import set_seed
+
+    from distclm.data.chat import render
 
     device = device or next(model.parameters()).device
     tokenizer.padding_side = "left"  # a decoder continues from the right end of every row
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     kwargs = generation_kwargs(gen, tokenizer.pad_token_id)
+    texts_in = prompts if chat is None else \
+        [render(chat[0], [{"role": "user", "content": p}], True, chat_specials(tokenizer)) for p in prompts]
+    if chat is not None:
+        kwargs["eos_token_id"] = chat[1]
     # verbose=False: a prompt longer than the model gets our one-line error below, not a tokenizer warning too
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, verbose=False).to(device)  # (P, longest prompt)
+    enc = tokenizer(texts_in, return_tensors="pt", padding=True, verbose=False,
+                    add_special_tokens=chat is None).to(device)  # (P, longest prompt)
     limit = ModelShape.of(model.config).max_positions
     if limit and enc["input_ids"].shape[1] + gen.max_new_tokens > limit:
         raise UserError(f"the longest prompt ({enc['input_ids'].shape[1]} tokens) + --gen.max_new_tokens="
@@ -83,6 +117,9 @@ def generate(model, tokenizer, prompts: list[str], gen, device=None, synced: boo
     set_seed(gen.seed)
     with torch.no_grad():
         out = model.generate(**enc, **kwargs, synced_gpus=synced)  # (P * n, longest prompt + new)
+    if chat is not None:  # the answer only: the new tokens (the stop token is special or cut off at decode)
+        out = out[:, enc["input_ids"].shape[1]:]
+        out = [row[:next((i for i, t in enumerate(row.tolist()) if t in chat[1]), len(row))] for row in out]
     texts = tokenizer.batch_decode(out, skip_special_tokens=True)
     n = gen.num_return_sequences
     return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
@@ -114,7 +151,8 @@ def generate_command(inv) -> int:
         from distclm.model import load_model_tokenizer
 
         tokenizer = load_model_tokenizer(cfg.model.name, cfg.data.tokenizer)
-        results = generate(model, tokenizer, prompts, cfg.gen, device, synced=engine is not None)
+        chat = chat_setup(tokenizer, cfg.data.dir) if cfg.gen.chat else None
+        results = generate(model, tokenizer, prompts, cfg.gen, device, synced=engine is not None, chat=chat)
     finally:
         if engine is not None:
             engine.close()

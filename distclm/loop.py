@@ -5,7 +5,9 @@
     interval's expert counts) -> log -> eval -> checkpoint
 
 Loss reported per step: the mean over all ranks and micro-batches. Every block predicts the same number
-of tokens (block_size - 1), so this mean is the token-weighted mean of the global batch.
+of tokens (block_size - 1), so this mean is the token-weighted mean of the global batch. A masked folder
+(chat / prompt_completion) has a different number of labels per block: its step loss is the sum of NLL over
+the global batch's labels / their number N, exactly, on any layout (data/supervision.py says how).
 
 Randomness (dropout) is a function of the data, not of the process: before each micro-batch the
 generator is seeded from (train.seed, step, the micro-batch's position in the global batch), so one
@@ -29,7 +31,8 @@ from distclm import dist
 from distclm.checkpoint import complete_checkpoints, save_checkpoint, step_of
 from distclm.config import Config
 from distclm.console import TrainConsole
-from distclm.loss import objective
+from distclm.data.supervision import global_labels
+from distclm.loss import masked_objective, objective
 from distclm.metrics import MetricsFile, ThroughputMeter, memory_bytes
 from distclm.rundir import RunDir
 from distclm.straggler import SlowRankWatch, StepTimes, summary
@@ -100,28 +103,41 @@ def micro_batches(blocks, ids: np.ndarray, device: torch.device) -> torch.Tensor
     return torch.from_numpy(x).to(device, non_blocking=True)
 
 
-def forward_loss(model, x: torch.Tensor, eos: int | None, routers=None) -> torch.Tensor:
-    """The training objective of a micro-batch (B, T) (`eos`: attention within documents; loss.py); `routers`
-    (moe.RouterStats) takes note of the model's aux loss and routing."""
-    out = objective(model, x, eos)
+def micro_flags(blocks, ids: np.ndarray, device: torch.device) -> torch.Tensor:
+    """(accum, micro) block ids -> their LOSS/START flags (accum, micro, T) uint8 on the device."""
+    a, m = ids.shape
+    return torch.from_numpy(blocks.flags(ids.reshape(-1)).reshape(a, m, -1)).to(device, non_blocking=True)
+
+
+def forward_loss(model, x: torch.Tensor, eos: int | None, routers=None, flags: torch.Tensor | None = None,
+                 scale: float = 1.0) -> torch.Tensor:
+    """The loss to backpropagate of a micro-batch (B, T): the model's objective (its mean next-token loss, `eos`:
+    attention within documents; loss.py), or with `flags` its labels' NLL sum x `scale` (accum x world / N) plus
+    what the model adds itself (a router's balancing loss, weighed per micro-batch as in the mean case).
+    `routers` (moe.RouterStats) takes note of the model's aux loss and routing."""
+    out = objective(model, x, eos) if flags is None else masked_objective(model, x, flags)
     if routers is not None:
         routers.add(out)
-    return out.loss
+    return out.loss if flags is None else out.nll_sum * scale + out.extra
 
 
-def train_step(engine, x: torch.Tensor, step: int, seed: int, times: StepTimes,
-               eos: int | None = None, routers=None) -> tuple[torch.Tensor, float]:
+def train_step(engine, x: torch.Tensor, step: int, seed: int, times: StepTimes, eos: int | None = None,
+               routers=None, flags: torch.Tensor | None = None, labels: int | None = None) -> tuple[torch.Tensor, float]:
     """Optimizer step `step` (1-based) over this rank's (accum, micro, T) tokens -> (mean loss, grad norm).
+    `flags` (accum, micro, T) and `labels` (N of the global batch): a masked folder's exact loss.
 
     A non-finite gradient norm means the update was skipped (Engine.optimizer_step).
     """
     t0 = time.perf_counter()
     total = torch.zeros((), dtype=torch.float64, device=x.device)
     accum = x.size(0)
+    # The engine divides each backward by accum and DDP/ZeRO average over the world: x accum x world / N leaves
+    # the global sum / N. The returned mean of these over accum, averaged over ranks by agree(), is that loss too.
+    scale = accum * engine.world / max(1, labels) if flags is not None else 1.0
     for k, micro in enumerate(x):
         torch.manual_seed(micro_seed(seed, step, k * engine.world + engine.rank))  # [accum][world] layout
         with engine.micro_batch(last=k == accum - 1):
-            loss = forward_loss(engine.model, micro, eos, routers)
+            loss = forward_loss(engine.model, micro, eos, routers, None if flags is None else flags[k], scale)
             engine.backward(loss)
         total += loss.detach().double()
     t1 = time.perf_counter()
@@ -274,9 +290,11 @@ def run_loop(loop: Loop, stop: StopSignal) -> dict:
         log_block_ids(loop, done, ids)
         t = time.perf_counter()
         x = micro_batches(plan.train_blocks, ids, engine.device)
+        flags = micro_flags(plan.train_blocks, ids, engine.device) if plan.masked else None
+        labels = global_labels(plan.train_blocks, plan.sampler, done - 1) if plan.masked else None
         loop.times.add(data=time.perf_counter() - t)
         lr = engine.lr  # the lr this step uses (the schedule moves on inside train_step)
-        loss_local, grad_norm = train_step(engine, x, done, seed, loop.times, plan.eos, loop.routers)
+        loss_local, grad_norm = train_step(engine, x, done, seed, loop.times, plan.eos, loop.routers, flags, labels)
         t = time.perf_counter()
         routers = loop.routers
         extra = routers.payload(should_log(loop, done), engine.device) if routers is not None else None

@@ -7,6 +7,12 @@ Position ids restart at 0 after each EOS; transformers then sees a packed batch 
 increase by 1 start a new sequence, masking_utils.find_packed_sequence_indices) and builds a block-diagonal
 causal mask, so a token attends only to its own document, at the positions it would have alone. The EOS
 closes the document before it; the token after it is predicted from that document alone.
+
+Masked folders (chat / prompt_completion, blocks.py version 2) carry per-token flags (B, T): LOSS marks a label,
+START a sample's first token. Positions restart at each START (attention stays within a sample, whatever tokens
+it holds: a template may put EOS inside a sample), and the loss is a sum over labels only, scaled by the caller:
+
+    loss of a step = sum over the global batch's labels of NLL / number of labels in the global batch
 """
 
 from __future__ import annotations
@@ -22,6 +28,57 @@ def document_positions(x: torch.Tensor, eos: int) -> torch.Tensor:
     starts[:, 1:] = x[:, :-1] == eos  # a document starts right after an EOS
     first = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values  # its first index
     return idx - first
+
+
+IGNORE = -100  # a target that is not a label (transformers' ignore_index)
+LOSS, START = 1, 2  # the flag bits of a masked block (data/blocks.py)
+
+
+def segment_positions(flags: torch.Tensor) -> torch.Tensor:
+    """(B, T) flags -> (B, T) positions within each sample, restarting at every START token."""
+    idx = torch.arange(flags.size(1), device=flags.device).expand(flags.shape)  # (B, T)
+    starts = (flags & START) != 0
+    first = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
+    return idx - first
+
+
+def masked_labels(x: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+    """(B, T) ids and flags -> (B, T) labels: the id where LOSS is set, IGNORE elsewhere."""
+    return torch.where((flags & LOSS) != 0, x, torch.full_like(x, IGNORE))
+
+
+def label_count(flags) -> int:
+    """Labels that are predicted in (..., T) flags: LOSS set at positions 1..T-1 (position 0 predicts nothing)."""
+    return int(((flags[..., 1:] & LOSS) != 0).sum())
+
+
+def masked_nll_sum(model, x: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+    """Summed NLL over the labels of (B, T) (differentiable when grad is on; float64 under no_grad)."""
+    return masked_objective(model, x, flags).nll_sum
+
+
+def masked_objective(model, x: torch.Tensor, flags: torch.Tensor) -> "FusedOutput":
+    """A masked micro-batch (B, T): `nll_sum` over its labels (float64 under no_grad), and `extra`, what the model
+    adds to its cross-entropy itself (a router's balancing loss; 0 for a dense model), kept apart because the
+    caller scales the label sum by accum x world / N while a model's own term weighs each micro-batch alike."""
+    labels = masked_labels(x, flags)
+    kwargs = {"input_ids": x, "use_cache": False, "position_ids": segment_positions(flags)}
+    if is_fused(model):
+        out = model(**kwargs, labels=labels, reduction="sum")
+        nll = out.ce if torch.is_grad_enabled() else out.nll_sum
+        return FusedOutput(out, nll_sum=nll, extra=out.extra if torch.is_grad_enabled() else 0.0)
+    n = label_count(flags)
+    # A model adds its auxiliary terms (transformers' switch for them: output_router_logits) only when it computes
+    # a loss: given labels (at least one, else its mean is 0/0), extra = its loss - its mean cross-entropy. A dense
+    # model is not asked for a loss it would compute in vain.
+    adds = bool(getattr(unwrapped(model).config, "output_router_logits", False))
+    out = model(**kwargs, labels=labels) if n and adds else model(**kwargs)
+    logits = out.logits[:, :-1, :].float()  # (B, T-1, V)
+    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=IGNORE,
+                          reduction="none")
+    total = nll.sum() if torch.is_grad_enabled() else nll.double().sum()
+    extra = out.loss - nll.sum() / n if n and out.get("loss") is not None else 0.0
+    return FusedOutput(out, nll_sum=total, extra=extra if torch.is_grad_enabled() else 0.0)
 
 
 def inputs(x: torch.Tensor, eos: int | None) -> dict:
@@ -44,8 +101,11 @@ def mean_loss(model, x: torch.Tensor, eos: int | None = None) -> torch.Tensor:
     return objective(model, x, eos).loss
 
 
-def nll_sum(model, x: torch.Tensor, eos: int | None = None) -> torch.Tensor:
-    """Summed next-token NLL of (B, T) in float64: the sum over B x (T-1) predicted tokens."""
+def nll_sum(model, x: torch.Tensor, eos: int | None = None, flags: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed next-token NLL of (B, T) in float64: the sum over B x (T-1) predicted tokens (over the labels only
+    when the block's `flags` are given)."""
+    if flags is not None:
+        return masked_nll_sum(model, x, flags)
     if is_fused(model):
         return model(**inputs(x, eos), labels=x).nll_sum
     logits = model(**inputs(x, eos)).logits[:, :-1, :].float()  # (B, T-1, V)
@@ -94,7 +154,8 @@ def _chunk_nll(h, y, weight, bias) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """mean_i CE(h_i W^T + b, y_i) over N tokens, computed a chunk of tokens at a time.
+    """sum_i CE(h_i W^T + b, y_i) / N over N tokens (N = `divisor`, default the token count; targets equal to
+    IGNORE add nothing and get no gradient), computed a chunk of tokens at a time.
 
     Forward computes, per chunk, the logits, the loss and the gradients with respect to the hidden states and
     the output weight (and bias), in one reused buffer: peak memory is one chunk's logits instead of N x V
@@ -106,19 +167,26 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets):
-        n, chunk = hidden.size(0), chunk_tokens(weight.size(0))
+    def forward(ctx, hidden, weight, bias, targets, divisor=None):
+        masked = bool((targets == IGNORE).any())
+        if divisor is None:  # the mean over the labels
+            divisor = int((targets != IGNORE).sum()) if masked else hidden.size(0)
+        n, chunk = divisor, chunk_tokens(weight.size(0))
         need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
         gh = torch.empty_like(hidden) if need[0] else None
         gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None
         gb = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need[2] else None
         total = torch.zeros((), dtype=torch.float64, device=hidden.device)
-        for s in range(0, n, chunk):
+        for s in range(0, hidden.size(0), chunk):
             h, y = hidden[s:s + chunk], targets[s:s + chunk]
+            keep = y != IGNORE
+            y = y.clamp(min=0) if masked else y
             nll, e, sums = _chunk_nll(h, y, weight, bias)
-            total += nll.double().sum()
+            total += (nll * keep if masked else nll).double().sum()
             g = e.div_(sums[:, None] * n)  # softmax / N, in place
             g[torch.arange(g.size(0), device=g.device), y] -= 1.0 / n
+            if masked:
+                g.mul_(keep[:, None])  # an ignored target: no gradient
             if gh is not None:
                 gh[s:s + chunk] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
             if gw is not None:
@@ -131,21 +199,24 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         gh, gw, gb = (None if g is None else g * grad_loss.to(g.dtype) for g in ctx.grads)
-        return gh, gw, gb, None
+        return gh, gw, gb, None, None
 
 
 @torch.no_grad()
 def chunked_nll_sum(hidden: torch.Tensor, weight, bias, targets: torch.Tensor) -> torch.Tensor:
-    """Eval: the float64 sum of per-token (float32) NLL, a chunk of logits at a time."""
+    """Eval: the float64 sum of per-token (float32) NLL over targets that are not IGNORE, a chunk at a time."""
     chunk, total = chunk_tokens(weight.size(0)), torch.zeros((), dtype=torch.float64, device=hidden.device)
     for s in range(0, hidden.size(0), chunk):
-        total += _chunk_nll(hidden[s:s + chunk], targets[s:s + chunk], weight, bias)[0].double().sum()
+        y = targets[s:s + chunk]
+        keep = y != IGNORE
+        total += (_chunk_nll(hidden[s:s + chunk], y.clamp(min=0), weight, bias)[0] * keep).double().sum()
     return total
 
 
 class FusedOutput(dict):
-    """The fused forward's output: `loss` (the model's whole objective, differentiable in training), `nll_sum`
-    (float64 cross-entropy sum, eval), and what the model returned beside them (`aux_loss`, `router_logits`)."""
+    """The fused forward's output: `loss` (the model's whole objective, differentiable in training), `ce` (its
+    cross-entropy part, as reduced), `extra` (loss - ce: what the model adds itself), `nll_sum` (float64
+    cross-entropy sum, eval), and what the model returned beside them (`aux_loss`, `router_logits`)."""
 
     def __getattr__(self, name):
         return self.get(name)
@@ -176,7 +247,7 @@ def install(model, enabled: bool) -> str:
     if why:
         return f"the model's own: {why}"
     own, head, liger = hf.forward, hf.get_output_embeddings(), _liger()
-    own_head, state = head.forward, {"fused": False}
+    own_head, state = head.forward, {"fused": False, "reduction": "mean"}
 
     def head_forward(hidden, *args, **kwargs):  # (B, T, H) -> itself while the fused loss runs
         return hidden if state["fused"] else own_head(hidden, *args, **kwargs)
@@ -186,26 +257,30 @@ def install(model, enabled: bool) -> str:
         y = labels[:, 1:].reshape(-1).to(h.device)
         if not torch.is_grad_enabled():
             state["nll_sum"] = chunked_nll_sum(h, head.weight, head.bias, y)
-            return (state["nll_sum"] / y.numel()).float()
-        state["nll_sum"] = None
-        if liger is not None and h.is_cuda:
-            return liger(head.weight, h, y, head.bias)
-        return ChunkedLinearCrossEntropy.apply(h, head.weight, head.bias, y)
+            state["ce"] = (state["nll_sum"] / (y != IGNORE).sum()).float()
+        elif liger is not None and h.is_cuda:
+            state["nll_sum"], state["ce"] = None, liger[state["reduction"]](head.weight, h, y, head.bias)
+        else:
+            divisor = 1 if state["reduction"] == "sum" else None  # sum: the caller scales it (masked folders)
+            state["nll_sum"], state["ce"] = None, ChunkedLinearCrossEntropy.apply(h, head.weight, head.bias, y, divisor)
+        return state["ce"]
 
-    def forward(input_ids=None, labels=None, position_ids=None, use_cache=None, **kwargs):
+    def forward(input_ids=None, labels=None, position_ids=None, use_cache=None, reduction="mean", **kwargs):
+        """`reduction`: mean over the labels (the model's own), or sum (a masked batch's caller scales it)."""
         if labels is None:
             return own(input_ids=input_ids, position_ids=position_ids, use_cache=use_cache, **kwargs)
-        state.pop("nll_sum", None)
-        state["fused"] = True
+        for key in ("nll_sum", "ce"):
+            state.pop(key, None)
+        state["fused"], state["reduction"] = True, reduction
         try:
             out = own(input_ids=input_ids, labels=labels, position_ids=position_ids, use_cache=False, **kwargs)
         finally:
-            state["fused"] = False
-        if "nll_sum" not in state:
+            state["fused"], state["reduction"] = False, "mean"
+        if "ce" not in state:
             raise RuntimeError(f"{type(hf).__name__} computes its loss without `loss_function`: the fused loss "
                                f"cannot stand in for it; train with --train.fused_loss=false")
-        return FusedOutput(loss=out.loss, nll_sum=state["nll_sum"], aux_loss=getattr(out, "aux_loss", None),
-                           router_logits=getattr(out, "router_logits", None))
+        return FusedOutput(loss=out.loss, ce=state["ce"], extra=out.loss - state["ce"], nll_sum=state["nll_sum"],
+                           aux_loss=getattr(out, "aux_loss", None), router_logits=getattr(out, "router_logits", None))
 
     head.forward, hf.loss_function = head_forward, loss_function
     hf.forward, hf.distclm_fused_loss = forward, True
@@ -223,14 +298,19 @@ def _liger():
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
     except ImportError:
         return None
-    return LigerFusedLinearCrossEntropyLoss()
+    return {r: LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction=r) for r in ("mean", "sum")}
 
 
-def is_fused(model) -> bool:
-    """Whether the model under any wrapper (DDP, DeepSpeed, torch.compile, peft) has the fused loss installed."""
+def unwrapped(model):
+    """The Hugging Face model under any wrapper (DDP, DeepSpeed, torch.compile, peft)."""
     from distclm.lora import base_model
 
     for attr in ("module", "_orig_mod"):
         while hasattr(model, attr) and isinstance(getattr(model, attr), torch.nn.Module):
             model = getattr(model, attr)
-    return bool(getattr(base_model(model), "distclm_fused_loss", False))
+    return base_model(model)
+
+
+def is_fused(model) -> bool:
+    """Whether the model under any wrapper has the fused loss installed."""
+    return bool(getattr(unwrapped(model), "distclm_fused_loss", False))

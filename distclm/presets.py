@@ -16,6 +16,16 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "gen": {"prompt": "The with statement", "max_new_tokens": 40},
         "run": {"dir": "runs/demo"},
     },
+    # Chat fine-tuning, offline: the shipped user/assistant exchanges about Python (distclm/assets/pydoc_chat.jsonl.gz),
+    # loss on the answers only, whole samples packed into 256-token blocks; the sample is an answer to a question.
+    "chat-demo": {
+        "data": {"source": "pydoc-chat", "dir": "data/pydoc-chat", "block_size": 256, "val_fraction": 0.1},
+        "model": {"name": "gpt2-tiny"},
+        "train": {"strategy": "ddp", "lr": 2e-3, "epochs": 3, "warmup_steps": 10, "micro_batch_size": 4},
+        "eval": {"batch_size": 16},
+        "gen": {"prompt": "What is a list in Python?", "max_new_tokens": 60, "chat": True},
+        "run": {"dir": "runs/chat-demo"},
+    },
     # The Hugging Face causal-LM tutorial, exactly: ELI5 answers, DistilGPT2, lr 2e-5, wd 0.01.
     # datasets >= 4 no longer runs eli5_category's loading script: its parquet conversion is read.
     "eli5-distilgpt2": {

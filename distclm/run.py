@@ -25,13 +25,13 @@ def default_nproc() -> int:
 
 def check_reachable(cfg) -> None:
     """Offline with a hub dataset or model: fail at once, saying how to use local copies of both."""
-    from distclm.data.sources import is_local_source
+    from distclm.data.sources import EMBEDDED, is_local_source
     from distclm.hub import ensure_offline_if_unreachable, is_local
     from distclm.model import ARCH_PRESETS
 
     needs = []  # (what, how to fetch it elsewhere, the flag that points at the copy)
     data_ready = (Path(cfg.data.dir or "") / "manifest.json").exists()  # prepare will reuse it
-    if cfg.data.source and cfg.data.source != "pydoc" and not is_local_source(cfg.data.source) and not data_ready:
+    if cfg.data.source and cfg.data.source not in EMBEDDED and not is_local_source(cfg.data.source) and not data_ready:
         rev = f" --revision {cfg.data.revision}" if cfg.data.revision else ""
         needs.append((f"dataset {cfg.data.source}",
                       f"hf download {cfg.data.source} --repo-type dataset{rev} --local-dir DATA",
@@ -123,7 +123,12 @@ def run_command(inv) -> int:
         g = cfg.gen
         model = build_model(str(export), seed=0)
         tok = load_model_tokenizer(str(export), cfg.data.tokenizer)
-        text = generate(model, tok, [g.prompt], g)[0][0]
+        chat = None
+        if result.manifest.get("data_format") or g.chat:  # a chat folder: the prompt as a user turn, the answer only
+            from distclm.generate import chat_setup
+
+            chat = chat_setup(tok, cfg.data.dir)
+        text = generate(model, tok, [g.prompt], g, chat=chat)[0][0]
         how = f"top-k {g.top_k}, top-p {g.top_p}, temperature {g.temperature}" if g.do_sample else "greedy"
         say(f"== sample ({how}, {g.max_new_tokens} new tokens, seed {g.seed}):")
         say(text)

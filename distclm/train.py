@@ -25,7 +25,7 @@ from distclm import dist
 from distclm.checkpoint import check_compatible, find_resume, load_checkpoint, needs_universal, read_meta
 from distclm.config import Config
 from distclm.console import TrainConsole
-from distclm.data import mixture
+from distclm.data import mixture, supervision
 from distclm.data.loader import BlockSampler, MixedBlocks, MixtureSampler
 from distclm.errors import UserError
 from distclm.export import export_run
@@ -63,6 +63,8 @@ class Plan:
     resume_from: Path | None
     meta: dict | None  # the checkpoint's training state
     eos_token_id: int = 0
+    masked: bool = False  # chat / prompt_completion data: loss on labels only, attention within samples
+    chat_template: str | None = None  # the data's, carried into the export
 
     @property
     def block_size(self) -> int:
@@ -125,6 +127,8 @@ def make_plan(cfg: Config) -> Plan:
     parse_names(cfg.log.trackers)  # a tracker that is not installed: one line, before anything starts
     shape = ModelShape.of(load_config(cfg.model.name, cfg.model.trust_remote_code))
     readers, ws, train_blocks, sampler = data_and_sampler(cfg, shape)
+    if supervision.masked(readers):  # before any process group: a refused folder costs nothing
+        supervision.check_folders(cfg, readers, supervision.model_template(cfg))
     identity = {"model": cfg.model.name, "data_fingerprint": mixture.fingerprint(readers, ws),
                 "global_batch": sampler.global_batch, "block_size": readers[0].block_size, "seed": t.seed,
                 "lora": dataclasses.asdict(cfg.lora) if cfg.lora.r else None}
@@ -137,7 +141,8 @@ def make_plan(cfg: Config) -> Plan:
     evals = [(str(r.folder), r.splits[cfg.eval.split].first(cfg.eval.max_blocks), w) for r, w in zip(readers, ws)
              if cfg.eval.split in r.splits]
     return Plan(cfg, shape, train_blocks, evals, ws, sampler, total, identity,
-                [r.manifest["source"].get("fingerprint") for r in readers], resume_from, meta, readers[0].eos_token_id)
+                [r.manifest["source"].get("fingerprint") for r in readers], resume_from, meta, readers[0].eos_token_id,
+                supervision.masked(readers), supervision.folder_template(readers))
 
 
 def build_engine(cfg: Config, plan: Plan):
@@ -159,7 +164,10 @@ def build_loop(cfg: Config, plan: Plan, engine, run: RunDir) -> Loop:
     fpt = flops_per_token(matmul_parameters(module) - inactive, shape.num_layers, shape.num_heads * shape.head_dim,
                           plan.block_size)
     peak = peak_tflops_for(device_name(engine.device), cfg.log.peak_tflops)
-    hf = (load_model_tokenizer(cfg.model.name, cfg.data.tokenizer), cfg.gen)
+    tokenizer = load_model_tokenizer(cfg.model.name, cfg.data.tokenizer)
+    if plan.chat_template is not None:  # checkpoints and the export speak the template the model was trained on
+        tokenizer.chat_template = plan.chat_template
+    hf = (tokenizer, cfg.gen)
     trackers = Trackers(engine, parse_names(cfg.log.trackers), run.path, cfg.to_dict())
     loop = Loop(cfg, plan, engine, run, hf, TrainConsole(plan.total_steps, cfg.log.interval_s),
                 MetricsFile(run.metrics, enabled=engine.is_main), trackers, ThroughputMeter(fpt, engine.world, peak))

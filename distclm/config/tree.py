@@ -38,6 +38,20 @@ class DataConfig:
     dir: Optional[str] = F(None, "Folder of the prepared blocks (manifest.json + shards); for train/eval a comma "
                                  "list of folders is a weighted mixture (data.weights).")
     weights: Optional[str] = F(None, "Mixture weights, a comma list as long as data.dir (default: equal).")
+    format: str = F("auto", "Record format: text, chat (a list of {role, content} at messages_field), "
+                            "prompt_completion; auto = detected from the first record.",
+                    ("auto", "text", "chat", "prompt_completion"))
+    messages_field: str = F("messages", "Field of a chat record holding its list of {role, content} messages.")
+    prompt_field: str = F("prompt", "Field of a prompt_completion record holding the prompt.")
+    completion_field: str = F("completion", "Field of a prompt_completion record holding the completion.")
+    chat_template: str = F("auto", "Chat template: auto (the tokenizer's own, else the ChatML-style default), "
+                                   "default, or a Jinja file.")
+    train_on: str = F("assistant", "Tokens that get loss in chat/prompt_completion data: the assistant turns / "
+                                   "completion (with what closes them), or all.", ("assistant", "all"))
+    overlong: str = F("truncate", "A sample longer than the block: truncate (its head kept) or drop; counted.",
+                      ("truncate", "drop"))
+    allow_template_mismatch: bool = F(False, "Train although the data's chat template differs from the model "
+                                             "tokenizer's own.")
 
 
 @dataclass
@@ -117,6 +131,8 @@ class GenConfig:
     temperature: float = F(1.0, "Sampling temperature.")
     num_return_sequences: int = F(1, "Samples per prompt.")
     seed: int = F(0, "Seed set with transformers.set_seed before generating.")
+    chat: bool = F(False, "Render the prompt as a user turn with the chat template (the model's, else the data's) "
+                          "plus the generation prompt; stop at the end of turn; print only the answer.")
 
 
 @dataclass

@@ -1,7 +1,15 @@
 """The block-file format: shard files of raw token ids + a versioned manifest.json.
 
 A shard `{split}-{index:05d}.bin` is little-endian ids of shape (n_blocks, block_size), no header:
-`np.memmap(path, dtype, mode="r").reshape(-1, block_size)` reads it. Shards are written under a
+`np.memmap(path, dtype, mode="r").reshape(-1, block_size)` reads it.
+
+Version 2 (chat / prompt_completion folders) adds beside each shard `{split}-{index:05d}.mask.bin`: one uint8
+of flags per token, same (n_blocks, block_size) shape, listed in the shard's entry (`mask_file`, `mask_sha256`):
+
+    bit 0 (LOSS)   the token is a label: the loss of predicting it from the tokens before it counts
+    bit 1 (START)  a sample (or the padding after the last one) starts here: attention and positions restart
+
+Version-1 folders have no mask: every token is a label and documents are separated by EOS. Shards are written under a
 `.partial` name, fsynced and renamed; the manifest is written last (the same way), so a folder
 without a manifest is never taken as complete.
 """
@@ -20,12 +28,18 @@ from distclm.atomic import publish_file
 from distclm.errors import UserError
 
 FORMAT = "distclm-blocks"
-VERSION = 1
+VERSION = 1  # text folders: every token a label
+VERSION_MASKED = 2  # chat / prompt_completion folders: a flags file beside each shard
 MANIFEST = "manifest.json"
+LOSS, START = 1, 2  # the bits of a mask file's byte
 
 
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:05d}.bin"
+
+
+def mask_name(split: str, index: int) -> str:
+    return f"{split}-{index:05d}.mask.bin"
 
 
 def dump_json(obj) -> bytes:
@@ -47,6 +61,7 @@ class SplitWriter:
 
     Its state (complete shards, blocks in the open shard, counters) is plain data, saved by the
     caller after a shard completes, so an interrupted prepare resumes from the last complete shard.
+    With `masks`, each block's flags (uint8, same shape) go to the shard's mask file alongside.
     """
 
     out: Path
@@ -58,42 +73,53 @@ class SplitWriter:
     open_blocks: int = 0  # blocks already in the open .partial shard
     n_docs: int = 0
     n_tokens: int = 0  # tokens of this split's documents (EOS included), dropped tail included
+    masks: bool = False
 
     def __post_init__(self):
-        self._fh = None
+        self._fhs = None
 
     @property
     def n_blocks(self) -> int:
         return sum(s["n_blocks"] for s in self.shards) + self.open_blocks
 
-    def _partial(self) -> Path:
-        return self.out / (shard_name(self.split, len(self.shards)) + ".partial")
+    def _names(self) -> list[tuple[str, int]]:
+        """(final file name, bytes per token) of the open shard's files: tokens, then flags when masked."""
+        index = len(self.shards)
+        names = [(shard_name(self.split, index), self.dtype.itemsize)]
+        return names + [(mask_name(self.split, index), 1)] if self.masks else names
 
-    def _open(self):
-        if self._fh is None:
-            path = self._partial()
-            keep = self.open_blocks * self.block_size * self.dtype.itemsize
-            if keep and not path.exists():
-                # Killed after this shard was renamed into place but before the state that counts it
-                # was saved: its first `open_blocks` blocks are the saved ones, so take it back.
-                final = self.out / shard_name(self.split, len(self.shards))
-                if not final.is_file() or final.stat().st_size < keep:
-                    raise UserError(f"{path}: missing, but the prepare state counts {self.open_blocks} blocks "
-                                    f"in it; rerun prepare with --overwrite")
-                os.replace(final, path)
-            self._fh = open(path, "r+b" if path.exists() else "wb")
-            # Resume: cut anything past the last saved state (a killed run may have written more).
-            self._fh.truncate(keep)
-            self._fh.seek(0, os.SEEK_END)
-        return self._fh
+    def _open(self) -> list:
+        if self._fhs is None:
+            self._fhs = [self._open_one(self.out / name, itemsize) for name, itemsize in self._names()]
+        return self._fhs
 
-    def write(self, blocks: np.ndarray) -> bool:
-        """Append (n, block_size) blocks; returns True when a shard was completed."""
+    def _open_one(self, final: Path, itemsize: int):
+        path = final.with_name(final.name + ".partial")
+        keep = self.open_blocks * self.block_size * itemsize
+        if keep and not path.exists():
+            # Killed after this shard was renamed into place but before the state that counts it
+            # was saved: its first `open_blocks` blocks are the saved ones, so take it back.
+            if not final.is_file() or final.stat().st_size < keep:
+                raise UserError(f"{path}: missing, but the prepare state counts {self.open_blocks} blocks "
+                                f"in it; rerun prepare with --overwrite")
+            os.replace(final, path)
+        fh = open(path, "r+b" if path.exists() else "wb")
+        # Resume: cut anything past the last saved state (a killed run may have written more).
+        fh.truncate(keep)
+        fh.seek(0, os.SEEK_END)
+        return fh
+
+    def write(self, blocks: np.ndarray, flags: np.ndarray | None = None) -> bool:
+        """Append (n, block_size) blocks (and their flags when masked); returns True when a shard was completed."""
         completed = False
         while len(blocks):
             room = self.shard_blocks - self.open_blocks
             part, blocks = blocks[:room], blocks[room:]
-            self._open().write(part.astype(self.dtype.newbyteorder("<"), copy=False).tobytes())
+            files = self._open()
+            files[0].write(part.astype(self.dtype.newbyteorder("<"), copy=False).tobytes())
+            if self.masks:
+                files[1].write(flags[:room].astype(np.uint8, copy=False).tobytes())
+                flags = flags[room:]
             self.open_blocks += len(part)
             if self.open_blocks == self.shard_blocks:
                 self._close_shard()
@@ -101,26 +127,29 @@ class SplitWriter:
         return completed
 
     def _close_shard(self) -> None:
-        self._open().close()
-        self._fh = None
-        final = self.out / shard_name(self.split, len(self.shards))
-        publish_file(self._partial(), final)
-        self.shards.append({"file": final.name, "n_blocks": self.open_blocks, "sha256": file_sha256(final)})
+        entry = {"n_blocks": self.open_blocks}
+        for fh, (name, _), key in zip(self._open(), self._names(), ("", "mask_")):
+            fh.close()
+            publish_file(self.out / (name + ".partial"), self.out / name)
+            entry.update({f"{key}file": name, f"{key}sha256": file_sha256(self.out / name)})
+        self._fhs = None
+        self.shards.append(entry)
         self.open_blocks = 0
 
     def sync(self) -> None:
         """Make the open shard's blocks durable before a state that counts them is saved."""
-        if self._fh is not None:
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
+        for fh in self._fhs or []:
+            fh.flush()
+            os.fsync(fh.fileno())
 
     def finish(self) -> None:
         if self.open_blocks:
             self._close_shard()
-        elif self._fh is not None:
-            self._fh.close()
-            self._fh = None
-            self._partial().unlink(missing_ok=True)
+        elif self._fhs is not None:
+            for fh, (name, _) in zip(self._fhs, self._names()):
+                fh.close()
+                (self.out / (name + ".partial")).unlink(missing_ok=True)
+            self._fhs = None
 
     def state(self) -> dict:
         return {"shards": self.shards, "open_blocks": self.open_blocks,
@@ -153,12 +182,15 @@ def read_manifest(folder: str | Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise UserError(f"{path}: field 'format' is {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
                         f"expected {FORMAT!r}: not a distclm block folder")
-    if manifest.get("version") != VERSION:
+    if manifest.get("version") not in (VERSION, VERSION_MASKED):
         raise UserError(f"{path}: field 'version' is {manifest.get('version')!r}, but this distclm reads "
-                        f"version {VERSION}; re-run prepare with this version (--overwrite) or upgrade distclm")
+                        f"versions {VERSION} and {VERSION_MASKED}; re-run prepare with this version (--overwrite) or upgrade distclm")
     for key in ("dtype", "block_size", "vocab_size", "eos_token_id", "splits"):
         if key not in manifest:
             raise UserError(f"{path}: field {key!r} missing; re-run prepare with --overwrite")
+    if manifest["version"] == VERSION_MASKED and "data_format" not in manifest:
+        raise UserError(f"{path}: field 'data_format' missing (a version-2 folder stores which tokens get loss); "
+                        f"re-run prepare with --overwrite")
     if manifest["dtype"] not in ("uint16", "uint32"):
         raise UserError(f"{path}: field 'dtype' is {manifest['dtype']!r}, expected 'uint16' or 'uint32'")
     return manifest
@@ -183,6 +215,9 @@ class SplitBlocks:
         counts = [int(s["n_blocks"]) for s in info["shards"]]
         self._starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
         self._fds: list[int] = []
+        self.masked = bool(info["shards"]) and "mask_file" in info["shards"][0]
+        self.mask_paths = [folder / s["mask_file"] for s in info["shards"]] if self.masked else []
+        self._mask_fds: list[int] = []
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -208,6 +243,26 @@ class SplitBlocks:
             out[row] = self[int(index)]
         return out
 
+    def _mask_fd(self, shard: int) -> int:
+        if not self._mask_fds:
+            self._mask_fds = [os.open(p, os.O_RDONLY) for p in self.mask_paths]
+        return self._mask_fds[shard]
+
+    def flags(self, indices) -> np.ndarray | None:
+        """The LOSS/START flags of the blocks at `indices`, (len(indices), block_size) uint8; None for a
+        version-1 split (every token a label, documents separated by EOS)."""
+        if not self.masked:
+            return None
+        out = np.empty((len(indices), self.block_size), dtype=np.uint8)
+        for row, index in enumerate(indices):
+            index = int(index)
+            if not 0 <= index < len(self):
+                raise IndexError(f"block {index} out of range for split {self.name!r} with {len(self)} blocks")
+            shard = int(np.searchsorted(self._starts, index, side="right")) - 1
+            offset = (index - int(self._starts[shard])) * self.block_size
+            out[row] = np.frombuffer(os.pread(self._mask_fd(shard), self.block_size, offset), dtype=np.uint8)
+        return out
+
     def first(self, n: int | None) -> "SplitBlocks":
         """The first `n` blocks of this split (all of them when n is None or larger), same files, no copy."""
         if n is None or n >= len(self):
@@ -215,7 +270,7 @@ class SplitBlocks:
         view = SplitBlocks.__new__(SplitBlocks)
         view.__dict__.update(self.__dict__)
         view._starts = np.minimum(self._starts, n)
-        view._fd = self._fd  # reads through this split's files: closed with it
+        view._fd, view._mask_fd = self._fd, self._mask_fd  # reads through this split's files: closed with it
         view.close = lambda: None
         return view
 
@@ -224,9 +279,9 @@ class SplitBlocks:
         return np.memmap(self.paths[shard], dtype=self.dtype.newbyteorder("<"), mode="r").reshape(-1, self.block_size)
 
     def close(self) -> None:
-        for fd in self._fds:
+        for fd in self._fds + self._mask_fds:
             os.close(fd)
-        self._fds = []
+        self._fds, self._mask_fds = [], []
 
 
 class BlockReader:
@@ -248,17 +303,23 @@ class BlockReader:
         block_bytes = self.block_size * self.dtype.itemsize
         for name, info in self.manifest["splits"].items():
             for shard in info["shards"]:
-                path = self.folder / shard["file"]
-                if not path.is_file():
-                    raise UserError(f"{path}: shard listed in the manifest is missing; re-run prepare")
-                expected = int(shard["n_blocks"]) * block_bytes
-                size = path.stat().st_size
-                if size != expected:
-                    raise UserError(f"{path}: {size} bytes, the manifest says {shard['n_blocks']} blocks = "
-                                    f"{expected} bytes (truncated or corrupted); re-run prepare with --overwrite")
-                if verify and file_sha256(path) != shard["sha256"]:
-                    raise UserError(f"{path}: sha256 does not match the manifest (corrupted); "
-                                    f"re-run prepare with --overwrite")
+                files = [(shard["file"], shard["sha256"], block_bytes)]
+                if "mask_file" in shard:
+                    files.append((shard["mask_file"], shard["mask_sha256"], self.block_size))
+                for file, sha, per_block in files:
+                    self._check_file(self.folder / file, int(shard["n_blocks"]), per_block, sha if verify else None)
+
+    @staticmethod
+    def _check_file(path: Path, n_blocks: int, per_block: int, sha: str | None) -> None:
+        if not path.is_file():
+            raise UserError(f"{path}: shard listed in the manifest is missing; re-run prepare")
+        expected, size = n_blocks * per_block, path.stat().st_size
+        if size != expected:
+            raise UserError(f"{path}: {size} bytes, the manifest says {n_blocks} blocks = "
+                            f"{expected} bytes (truncated or corrupted); re-run prepare with --overwrite")
+        if sha is not None and file_sha256(path) != sha:
+            raise UserError(f"{path}: sha256 does not match the manifest (corrupted); "
+                            f"re-run prepare with --overwrite")
 
     def split(self, name: str) -> SplitBlocks:
         if name not in self.splits:

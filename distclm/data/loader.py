@@ -131,3 +131,19 @@ class MixedBlocks:
         indices = np.asarray(indices, dtype=np.int64)
         folder = np.searchsorted(self.offsets, indices, side="right") - 1
         return np.stack([self.splits[f][int(i - self.offsets[f])] for f, i in zip(folder, indices)])
+
+    def flags(self, indices) -> np.ndarray | None:
+        """LOSS/START flags at global ids `indices` (len(indices), block_size) when any folder is masked (a text
+        folder's block: every token a label, one segment), else None."""
+        if not any(s.masked for s in self.splits):
+            return None
+        from distclm.data.blocks import LOSS, START
+
+        indices = np.asarray(indices, dtype=np.int64)
+        folder = np.searchsorted(self.offsets, indices, side="right") - 1
+        out = np.full((len(indices), self.block_size), LOSS, dtype=np.uint8)
+        out[:, 0] = START
+        for row, (f, i) in enumerate(zip(folder, indices)):
+            if self.splits[f].masked:
+                out[row] = self.splits[f].flags([int(i - self.offsets[f])])[0]
+        return out

@@ -3,6 +3,10 @@
     read + extract (main thread) -> tokenize (thread pool, results taken in submission order)
       -> EOS after each document -> per-split Packer -> SplitWriter shards -> manifest.json last
 
+Chat / prompt_completion records (--data.format, detected from the first record) take the same pool and
+resume state with other parts (prepare_chat.py): records -> pieces rendered by the chat template ->
+tokens + loss flags (samples.py) -> whole samples packed first-fit -> shards + mask shards + a version-2 manifest.
+
 Memory is bounded by the chunks in flight (2 per worker, ~1 MB of text each) whatever the corpus
 size. Output depends only on the documents and the settings that the fingerprint covers: not on
 worker count, chunk size or timing. Nothing here imports torch.
@@ -29,12 +33,15 @@ from distclm.config import Config, num_workers, to_yaml
 from distclm.data import sources
 from distclm.data.blocks import FORMAT, MANIFEST, VERSION, SplitWriter, dump_json, read_manifest
 from distclm.data.pack import Packer, concat_docs, token_dtype
+from distclm.data.prepare_chat import ChatData, SampleSplits, resolve_format
+from distclm.data.samples import encode_samples
 from distclm.data.tokenize import Tokenizer, load_tokenizer
 from distclm.errors import UserError
 
 STATE = ".prepare-state.json"
 CHUNK_CHARS = 1 << 20  # ~1 MB of text per tokenize task: large enough to amortise, small for memory
 CHUNK_DOCS = 4096
+CHAT_CHUNK = 128  # records per chunk of chat / prompt_completion records
 
 
 def split_of(position: int, seed: int, val_fraction: float) -> str:
@@ -62,17 +69,18 @@ def source_specs(cfg: Config) -> list[tuple[str | None, sources.SourceSpec]]:
 
 def _input_identity(spec: sources.SourceSpec) -> list:
     """Local files and sizes (not mtimes or absolute paths: the manifest must not depend on them)."""
-    if spec.source == "pydoc" or not sources.is_local_source(spec.source):
+    if spec.source in sources.EMBEDDED or not sources.is_local_source(spec.source):
         return []
     files = sources.local_files(spec.source)
     return [[os.path.basename(f), os.path.getsize(f)] for f in files]
 
 
-def settings(cfg: Config, tok: Tokenizer) -> dict:
-    """Everything that decides the output bytes; its hash is the fingerprint."""
+def settings(cfg: Config, tok: Tokenizer, chat_data: ChatData | None = None) -> dict:
+    """Everything that decides the output bytes; its hash is the fingerprint (a chat template by its sha256)."""
     d = cfg.data
     specs = source_specs(cfg)
-    return {
+    extra = {"chat": chat_data.settings(d)} if chat_data is not None else {}
+    return {**extra,
         "source": {"source": d.source, "config": d.config, "split": d.split, "revision": d.revision,
                    "text_field": d.text_field, "join_with": d.join_with, "max_docs": d.max_docs,
                    "txt_mode": d.txt_mode, "eos_between_docs": d.eos_between_docs, "val_fraction": d.val_fraction,
@@ -96,8 +104,9 @@ class Chunk:
         self.end, self.labels, self.texts = end, labels, texts
 
 
-def _labelled_docs(cfg: Config, start: int) -> Iterator[tuple[str, str]]:
-    """(split, text) for each document from position `start` on, with the split decided per document."""
+def _labelled_docs(cfg: Config, start: int, raw: bool = False) -> Iterator[tuple[str, str]]:
+    """(split, text) for each document from position `start` on, with the split decided per document
+    (`raw`: the whole record instead of its text, for chat / prompt_completion)."""
     d = cfg.data
     streams = []
     val_set = None
@@ -109,7 +118,7 @@ def _labelled_docs(cfg: Config, start: int) -> Iterator[tuple[str, str]]:
                 raise UserError(f"--data.val_docs={d.val_docs} leaves no training document ({n} documents)")
             rng = np.random.default_rng(d.seed)
             val_set = set(rng.choice(n, size=d.val_docs, replace=False).tolist())
-        streams.append((fixed, sources.documents(spec)))
+        streams.append((fixed, islice(sources.records(spec), spec.max_docs) if raw else sources.documents(spec)))
     position = 0
     for fixed, docs in streams:
         for text in docs:
@@ -124,12 +133,12 @@ def _labelled_docs(cfg: Config, start: int) -> Iterator[tuple[str, str]]:
             position += 1
 
 
-def _chunks(docs: Iterator[tuple[str, str]], start: int) -> Iterator[Chunk]:
+def _chunks(docs: Iterator[tuple[str, str]], start: int, size=len) -> Iterator[Chunk]:
     labels, texts, chars, position = [], [], 0, start
     for label, text in docs:
         labels.append(label)
         texts.append(text)
-        chars += len(text)
+        chars += size(text)
         position += 1
         if chars >= CHUNK_CHARS or len(texts) >= CHUNK_DOCS:
             yield Chunk(position, labels, texts)
@@ -192,17 +201,20 @@ class Splits:
     def tokens(self) -> int:
         return sum(w.n_tokens for w in self.writers.values())
 
-    def save_state(self, fp: str, next_doc: int) -> None:
-        """After a completed shard: what a resume needs (its blocks made durable first)."""
-        for w in self.writers.values():
-            w.sync()
-        splits = {k: {**w.state(), "carry": self.packers[k].carry.tolist()} for k, w in self.writers.items()}
-        atomic_write(self.out / STATE, dump_json({"fingerprint": fp, "next_doc": next_doc, "splits": splits}))
+    def state(self) -> dict:
+        return {k: {**w.state(), "carry": self.packers[k].carry.tolist()} for k, w in self.writers.items()}
 
     def finish(self) -> dict:
         for w in self.writers.values():
             w.finish()
         return {k: w.summary(self.packers[k].dropped) for k, w in self.writers.items()}
+
+
+def save_state(out: Path, splits, fp: str, next_doc: int) -> None:
+    """After a completed shard: what a resume needs (its blocks made durable first)."""
+    for w in splits.writers.values():
+        w.sync()
+    atomic_write(out / STATE, dump_json({"fingerprint": fp, "next_doc": next_doc, "splits": splits.state()}))
 
 
 def prepare(cfg: Config, progress=None) -> Prepared:
@@ -218,7 +230,9 @@ def prepare(cfg: Config, progress=None) -> Prepared:
     tok = load_tokenizer(d.tokenizer, num_threads=1)
     if tok.max_length is not None and d.block_size > tok.max_length:
         raise UserError(f"--data.block_size={d.block_size} exceeds the tokenizer's maximum length {tok.max_length}")
-    s = settings(cfg, tok)
+    fmt = resolve_format(d, source_specs(cfg))
+    chat_data = ChatData(d, fmt, tok) if fmt != "text" else None
+    s = settings(cfg, tok, chat_data)
     fp = fingerprint(s)
     state = _check_out_dir(out, fp, cfg.run.overwrite)
     if state == "complete":
@@ -226,24 +240,39 @@ def prepare(cfg: Config, progress=None) -> Prepared:
     out.mkdir(parents=True, exist_ok=True)
     (out / "prepare.yaml").write_text(to_yaml(cfg), encoding="utf-8")
     dtype = token_dtype(tok.vocab_size)
-    splits = Splits(out, d, dtype, state)
     start = state["next_doc"] if state else 0
     if state and progress:
         progress.note(f"resuming an interrupted prepare from document {start}")
     t_stream = time.perf_counter()
-    _stream(cfg, tok, dtype, splits, start, fp, progress)
-    manifest = _manifest(cfg, tok, dtype, s, fp, splits.finish())
+    splits, chunks, encode = _parts(cfg, tok, dtype, chat_data, state, start)
+    _stream(cfg, encode, chunks, splits, fp, progress)
+    manifest = {**_manifest(cfg, tok, dtype, s, fp, splits.finish()),
+                **(chat_data.manifest(d) if chat_data is not None else {})}
     atomic_write(out / MANIFEST, dump_json(manifest))
     (out / STATE).unlink(missing_ok=True)
     t_end = time.perf_counter()
     return Prepared(manifest, t_end - t0, False, tok.backend, t_end - t_stream)
 
 
-def _stream(cfg: Config, tok: Tokenizer, dtype: np.dtype, splits: Splits, start: int, fp: str, progress) -> None:
-    """Documents from `start` on -> tokenized in the pool (at most 2 chunks per worker in flight), packed and
+def _parts(cfg: Config, tok: Tokenizer, dtype: np.dtype, chat_data: ChatData | None, state, start: int):
+    """(the split outputs, the chunks of documents from `start` on, how a worker encodes a chunk) for the format."""
+    d, out = cfg.data, Path(cfg.data.dir)
+    if chat_data is None:
+        eos = tok.eos_token_id if d.eos_between_docs else None
+        return (Splits(out, d, dtype, state), _chunks(_labelled_docs(cfg, start), start),
+                lambda chunk: _encode(tok, chunk, eos, dtype))
+    # A chunk of records: ~128 of them (a record's size is not known without serialising it again). Smaller than
+    # text chunks: rendering holds the GIL, so the tokenizing of one chunk overlaps the rendering of the next.
+    chunks = _chunks(_labelled_docs(cfg, start, raw=True), start, size=lambda rec: CHUNK_CHARS // CHAT_CHUNK)
+    return (SampleSplits(out, d, dtype, tok.eos_token_id, state), chunks,
+            lambda chunk: encode_samples(tok, chat_data.renderer, chunk.texts, chunk.labels,
+                                         chunk.end - len(chunk.texts), d.block_size, d.overlong))
+
+
+def _stream(cfg: Config, encode, chunks, splits, fp: str, progress) -> None:
+    """Chunks of documents -> `encode`d in the pool (at most 2 chunks per worker in flight), packed and
     written in submission order; the resume state is saved after each completed shard."""
     d = cfg.data
-    eos = tok.eos_token_id if d.eos_between_docs else None
     workers = num_workers(d)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         pending: deque = deque()
@@ -252,13 +281,13 @@ def _stream(cfg: Config, tok: Tokenizer, dtype: np.dtype, splits: Splits, start:
             while len(pending) > limit:
                 chunk, future = pending.popleft()
                 if splits.feed(future.result()):
-                    splits.save_state(fp, chunk.end)
+                    save_state(Path(d.dir), splits, fp, chunk.end)
                 if progress:
                     progress.update(docs=splits.docs, tokens=splits.tokens, bytes=splits.bytes)
 
         try:
-            for chunk in _chunks(_labelled_docs(cfg, start), start):
-                pending.append((chunk, pool.submit(_encode, tok, chunk, eos, dtype)))
+            for chunk in chunks:
+                pending.append((chunk, pool.submit(encode, chunk)))
                 drain(2 * workers)
             drain(0)
         except ValueError as exc:  # an id that does not fit the dtype
@@ -273,9 +302,13 @@ def _manifest(cfg: Config, tok: Tokenizer, dtype: np.dtype, s: dict, fp: str, sp
     if splits["train"]["n_blocks"] == 0:
         _cleanup(Path(d.dir))
         total = sum(v["n_tokens"] for v in splits.values())
+        t = splits["train"]
+        why = (f"{t['samples']} samples read, {t['dropped_overlong']} dropped as overlong, {t['dropped_unsupervised']} "
+               f"with no token that gets loss; check --data.format, --data.train_on, --data.overlong") \
+            if "samples" in t else "check --data.text_field"
         raise UserError(f"--data.source={d.source}: the corpus gave no training block ({total} tokens in "
-                        f"{sum(v['n_docs'] for v in splits.values())} non-empty documents, block_size {d.block_size}); "
-                        f"check --data.text_field, --data.max_docs and --data.block_size")
+                        f"{sum(v['n_docs'] for v in splits.values())} non-empty documents, block_size {d.block_size}; "
+                        f"{why}, --data.max_docs and --data.block_size")
     return {
         "format": FORMAT, "version": VERSION, "dtype": dtype.name, "block_size": d.block_size,
         "vocab_size": tok.vocab_size, "eos_token_id": tok.eos_token_id,
@@ -350,4 +383,9 @@ def prepare_command(inv) -> int:
     print(f"prepared {sum(s['n_docs'] for s in sp.values()):,} docs -> {tokens:,} tokens -> "
           + ", ".join(f"{k} {s['n_blocks']:,} blocks" for k, s in sp.items())
           + f" of {m['block_size']} ({m['dtype']}){rate} -> {cfg.data.dir}")
+    if m.get("data_format"):
+        from distclm.data.prepare_chat import describe as describe_samples
+
+        how = "detected" if cfg.data.format == "auto" else "--data.format"
+        print(f"format {m['data_format']} ({how}); " + "\n".join(describe_samples(m)[1:]))
     return 0

@@ -42,10 +42,16 @@ def _ext(path: str) -> str:
     return os.path.splitext(base)[1].lower()
 
 
+# Corpora shipped with distclm, read offline: Python's pydoc topics as text, and chat exchanges made from them
+# (distclm/assets/make_pydoc_chat.py).
+EMBEDDED = ("pydoc", "pydoc-chat")
+PYDOC_CHAT = Path(__file__).resolve().parent.parent / "assets" / "pydoc_chat.jsonl.gz"
+
+
 def is_local_source(source: str) -> bool:
     """A path, folder or glob on this machine, or a name with a data file's extension (anything else is a hub
     dataset id)."""
-    if source == "pydoc":
+    if source in EMBEDDED:
         return False
     return is_local(source) or any(ch in source for ch in "*?[") or _ext(source) in LOCAL_EXTS
 
@@ -202,6 +208,8 @@ def records(spec: SourceSpec) -> Iterator[dict]:
     """Raw records of the source, in order (before text extraction)."""
     if spec.source == "pydoc":
         return _pydoc_records()
+    if spec.source == "pydoc-chat":
+        return _read_local(str(PYDOC_CHAT), spec.txt_mode)
     if is_local_source(spec.source):
         files = local_files(spec.source)
         return (rec for f in files for rec in _read_local(f, spec.txt_mode))

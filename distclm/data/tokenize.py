@@ -47,6 +47,7 @@ GPT2_REFERENCE = {
         220, 220, 220, 9029, 13, 50256,
     ],
     "eos_token_id": 50256,
+    "bos_token": "<|endoftext|>",  # transformers' GPT2TokenizerFast: BOS is the EOS token
     "vocab_size": 50257,
     "max_length": 1024,
 }
@@ -86,6 +87,33 @@ class Tokenizer:
         if self._encode_arrays is not None:
             return self._encode_arrays(texts)
         return [np.asarray(ids, dtype=np.int64) for ids in self.encode_batch(texts)]
+
+    def special_text(self, token_id: int) -> str:
+        """The text of a special token (e.g. EOS as a template writes it), without loading transformers when the
+        fast path knows it."""
+        specials = self._known.get("specials", {})
+        return specials[token_id] if token_id in specials else self.hf.convert_ids_to_tokens(int(token_id))
+
+    @property
+    def bos_token(self) -> str:
+        """BOS as text for templates that write it ('' when the tokenizer has none)."""
+        bos = self._known["bos_token"] if "bos_token" in self._known else getattr(self.hf, "bos_token", None)
+        return bos if isinstance(bos, str) else ""
+
+    def chat_template(self) -> str | None:
+        """The tokenizer's own chat template: from its folder's files when it has one, else transformers'."""
+        if self.folder is not None and self._hf is None:
+            config, jinja = self.folder / "tokenizer_config.json", self.folder / "chat_template.jinja"
+            if jinja.is_file():
+                return jinja.read_text(encoding="utf-8")
+            if not config.is_file():
+                return None
+            t = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+        else:
+            t = getattr(self.hf, "chat_template", None)
+        from distclm.data.chat import normalise_template
+
+        return normalise_template(t)
 
     @property
     def eos_token_id(self) -> int:
@@ -233,6 +261,7 @@ def _tiktoken_tokenizer(spec: str, enc, hf, sha: str, folder: Path | None, num_t
         def encode_arrays(texts: list[str]) -> list[np.ndarray]:
             return [_encode_to_numpy(enc, text, allowed) for text in texts]
 
+    known = {**(known or {}), "specials": {enc.encode_single_token(s): s for s in enc.special_tokens_set}}
     return Tokenizer(spec, hf, encode_batch, "tiktoken", sha, folder, encode_arrays, known)
 
 
@@ -253,7 +282,7 @@ def _vendored_gpt2(num_threads: int) -> Tokenizer | None:
     enc = gpt2_encoding()
     if enc is None or enc.encode(PROBE_TEXT, allowed_special="all") != GPT2_REFERENCE["probe_ids"]:
         return None
-    known = {k: GPT2_REFERENCE[k] for k in ("eos_token_id", "vocab_size", "max_length")}
+    known = {k: GPT2_REFERENCE[k] for k in ("eos_token_id", "bos_token", "vocab_size", "max_length")}
     return _tiktoken_tokenizer("gpt2", enc, None, sha, VENDORED_GPT2, num_threads, known)
 
 

@@ -65,7 +65,7 @@ def test_inspect_refuses_unknown_version(cli, copy):
     m["version"] = 99
     (copy / "manifest.json").write_text(json.dumps(m))
     line = cli("inspect", copy).error_line()
-    assert "field 'version' is 99, but this distclm reads version 1" in line
+    assert "field 'version' is 99, but this distclm reads versions 1 and 2" in line
 
 
 def test_inspect_errors(cli, tmp_path):

@@ -50,7 +50,7 @@ def test_split_writer_resume_cuts_unsaved_blocks(tmp_path):
     w.sync()
     state = json.loads(json.dumps(w.state()))
     w.write(np.full((2, 2), 999, np.uint16))  # written, then "killed" before any state counted them
-    w._fh.flush()
+    w._fhs[0].flush()  # the token file (the writer keeps one handle per file of the open shard)
     w2 = SplitWriter(tmp_path, "train", 2, dtype, 4, shards=state["shards"], open_blocks=state["open_blocks"])
     w2.write(blocks[5:])
     w2.finish()
@@ -102,7 +102,8 @@ def edit_manifest(folder: Path, **changes) -> None:
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"version": 2}, "field 'version' is 2, but this distclm reads version 1"),
+    ({"version": 3}, "field 'version' is 3, but this distclm reads versions 1 and 2"),
+    ({"version": 2}, "field 'data_format' missing (a version-2 folder stores which tokens get loss)"),
     ({"format": "something-else"}, "field 'format' is 'something-else', expected 'distclm-blocks'"),
     ({"dtype": "float32"}, "field 'dtype' is 'float32'"),
     ({"block_size": None}, "field 'block_size' missing"),
