@@ -99,6 +99,9 @@ class TrainConfig:
     dist_timeout_s: float = F(600.0, "Seconds to wait for the other ranks (joining the rendezvous, forming the "
                                     "process group, each collective) before failing with a message naming "
                                     "MASTER_ADDR:MASTER_PORT; raise it when nodes start far apart or saves are slow.")
+    hang_timeout_s: float = F(120.0, "Seconds a rank may wait in a collective for ranks that do not arrive before "
+                                     "the live ranks name them (host, phase, step), dump their stacks to "
+                                     "RUN/hang-rank{R}.txt and exit 75 (0 = off; docs/hangs.md).")
 
 
 @dataclass
@@ -331,6 +334,8 @@ def validate(cfg: Config) -> None:
             raise UserError(f"--{key} must be >= 0, got {value}")
     if t.dist_timeout_s <= 0:
         raise UserError(f"--train.dist_timeout_s must be positive, got {t.dist_timeout_s}")
+    if t.hang_timeout_s < 0:
+        raise UserError(f"--train.hang_timeout_s must be >= 0 (0 = off), got {t.hang_timeout_s}")
     if t.lr <= 0:
         raise UserError(f"--train.lr must be positive, got {t.lr}")
     lora = cfg.lora

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from distclm import dist
+from distclm.activity import Activity
 from distclm.checkpoint import complete_checkpoints, save_checkpoint, step_of
 from distclm.config import Config
 from distclm.console import TrainConsole
@@ -77,6 +78,7 @@ class Loop:
     meter: ThroughputMeter
     watch: SlowRankWatch | None = None  # rank 0: names slow ranks (straggler.py)
     times: StepTimes = field(default_factory=StepTimes)
+    activity: Activity = field(default_factory=Activity)  # this rank's phase and waits, for step parts and heartbeat
     start_step: int = 0
     losses: list = field(default_factory=list)
 
@@ -103,24 +105,30 @@ def forward_loss(model, x: torch.Tensor, eos: int | None) -> torch.Tensor:
     return mean_loss(model, x, eos)
 
 
-def train_step(engine, x: torch.Tensor, step: int, seed: int, times: StepTimes,
+def train_step(engine, x: torch.Tensor, step: int, seed: int, act: Activity,
                eos: int | None = None) -> tuple[torch.Tensor, float]:
     """Optimizer step `step` (1-based) over this rank's (accum, micro, T) tokens -> (mean loss, grad norm).
 
-    A non-finite gradient norm means the update was skipped (Engine.optimizer_step).
+    A non-finite gradient norm means the update was skipped (Engine.optimizer_step). `act` says which phase runs
+    (the heartbeat) and collects the step's wall times and waits per part (act.times).
     """
-    t0 = time.perf_counter()
+    clock, times = act.clock, act.times
+    t0 = clock.mark()
     total = torch.zeros((), dtype=torch.float64, device=x.device)
     accum = x.size(0)
     for k, micro in enumerate(x):
         torch.manual_seed(micro_seed(seed, step, k * engine.world + engine.rank))  # [accum][world] layout
         with engine.micro_batch(last=k == accum - 1):
-            loss = forward_loss(engine.model, micro, eos)
-            engine.backward(loss)
+            with act.phase("forward", "compute"):
+                loss = forward_loss(engine.model, micro, eos)
+            with act.phase("backward", "compute"):
+                engine.backward(loss)
         total += loss.detach().double()
-    t1 = time.perf_counter()
-    grad_norm = engine.optimizer_step()
-    times.add(compute=t1 - t0, optimizer=time.perf_counter() - t1)
+    t1 = clock.mark()
+    with act.phase("optimizer", "optimizer"):
+        grad_norm = engine.optimizer_step()
+    times.span("compute", t0, t1)
+    times.span("optimizer", t1, clock.mark())
     return total / accum, grad_norm
 
 
@@ -212,7 +220,9 @@ def run_eval(loop: Loop, step: int) -> dict | None:
     e = loop.engine
     # A ZeRO-3 forward is collective (every rank runs as many); any other is local: the bare module, no DDP hooks.
     model = e.model if e.forward_is_collective else e.module
-    result = evaluate_splits(model, splits, loop.cfg.eval.batch_size, e.device, e.forward_is_collective, loop.plan.eos)
+    with loop.activity.phase("eval"):
+        result = evaluate_splits(model, splits, loop.cfg.eval.batch_size, e.device, e.forward_is_collective,
+                                 loop.plan.eos)
     record = {"type": "eval", "step": step, "epoch": step / loop.plan.sampler.steps_per_epoch,
               "eval_loss": result["loss"], "eval_perplexity": result["perplexity"], "eval_tokens": result["tokens"],
               "eval_blocks": result["blocks"]}
@@ -224,8 +234,9 @@ def run_eval(loop: Loop, step: int) -> dict | None:
 
 
 def save(loop: Loop, step: int) -> Path:
-    path = save_checkpoint(loop.engine, loop.run.path, loop.plan.checkpoint_meta(step), loop.cfg.train.keep_last,
-                           loop.hf)
+    with loop.activity.phase("checkpoint"):
+        path = save_checkpoint(loop.engine, loop.run.path, loop.plan.checkpoint_meta(step),
+                               loop.cfg.train.keep_last, loop.hf)
     loop.trackers.checkpointed(step_of(complete_checkpoints(loop.run.path)[0]))  # the oldest a resume can use
     loop.console.print(f"checkpoint {path}")
     return path
@@ -254,24 +265,28 @@ def preempt(loop: Loop, done: int, stop: StopSignal) -> None:
 
 def run_loop(loop: Loop, stop: StopSignal) -> dict:
     """Steps start_step+1 .. total_steps; -> the summary of this launch."""
-    engine, plan, seed = loop.engine, loop.plan, loop.cfg.train.seed
+    engine, plan, seed, act = loop.engine, loop.plan, loop.cfg.train.seed, loop.activity
     t0, last_eval, streak = time.perf_counter(), None, 0
     engine.model.train()
     loop.console.start()
     for done in range(loop.start_step + 1, plan.total_steps + 1):
         ids = plan.sampler.rank_indices(done - 1, engine.rank)
         log_block_ids(loop, done, ids)
-        t = time.perf_counter()
-        x = micro_batches(plan.train_blocks, ids, engine.device)
-        loop.times.add(data=time.perf_counter() - t)
+        act.step = done
+        t = act.clock.mark()
+        with act.phase("data", "data"):
+            x = micro_batches(plan.train_blocks, ids, engine.device)
+        loop.times.span("data", t, act.clock.mark())
         lr = engine.lr  # the lr this step uses (the schedule moves on inside train_step)
-        loss_local, grad_norm = train_step(engine, x, done, seed, loop.times, plan.eos)
-        t = time.perf_counter()
-        loss, stop_all = agree(loss_local, stop.requested)
-        loop.times.add(comm=time.perf_counter() - t)
+        loss_local, grad_norm = train_step(engine, x, done, seed, act, plan.eos)
+        t = act.clock.mark()
+        with act.phase("loss all-reduce", "comm"):
+            loss, stop_all = agree(loss_local, stop.requested)
+        loop.times.span("comm", t, act.clock.mark())
         loop.times.step_done()
         loop.losses.append(loss)
-        log_step(loop, done, loss, lr, grad_norm, t0)
+        with act.phase("log"):
+            log_step(loop, done, loss, lr, grad_norm, t0)
         streak = check_finite(loop, done, loss, grad_norm, streak)
         if stop_all and done < plan.total_steps:
             preempt(loop, done, stop)
