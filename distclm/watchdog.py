@@ -51,8 +51,9 @@ SHOWN = 8  # missing ranks named one by one in the line; more are counted
 
 
 def beat_interval(timeout: float) -> float:
-    """Seconds between heartbeats: a tenth of the timeout, within [0.5, 5]."""
-    return min(5.0, max(0.5, timeout / 10))
+    """Seconds between heartbeats: a tenth of the timeout, within [0.2, 1]. A stopped rank is described by its last
+    heartbeat, so this is how stale "in backward at step 10" may be; one small store write per rank and second."""
+    return min(1.0, max(0.2, timeout / 10))
 
 
 def age(beat: dict, now: float) -> float:

@@ -56,10 +56,10 @@ class DutyCycle:
                 pass
 
 
-def release(launcher) -> None:
-    """Teardown: every process under the launcher (a subprocess.Popen) continued and killed, then the launcher."""
+def kill_workers(launcher_pid: int) -> None:
+    """Every process under the launcher continued (a stopped one cannot die otherwise) and killed."""
     try:
-        family = psutil.Process(launcher.pid).children(recursive=True)
+        family = psutil.Process(launcher_pid).children(recursive=True)
     except psutil.NoSuchProcess:
         family = []
     for p in family:
@@ -68,6 +68,11 @@ def release(launcher) -> None:
                 p.send_signal(sig)
             except psutil.NoSuchProcess:
                 pass
+
+
+def release(launcher) -> None:
+    """Teardown: every process under the launcher (a subprocess.Popen) continued and killed, then the launcher."""
+    kill_workers(launcher.pid)
     if launcher.poll() is None:
         launcher.kill()
     launcher.wait(timeout=30)
