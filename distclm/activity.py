@@ -184,8 +184,8 @@ def instrumented(activity: Activity) -> Iterator[Activity]:
 
 def attach_ddp(activity: Activity, model) -> None:
     """DDP: each bucket all-reduced as DDP's default hook does (mean over ranks); the last launch opens the wait."""
-    from torch.nn.parallel import DistributedDataParallel
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from torch.nn.parallel import DistributedDataParallel
 
     if not isinstance(model, DistributedDataParallel):
         return

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import socket
-import threading
 import time
 
 import psutil
@@ -14,43 +13,13 @@ import pytest
 
 from distclm.watchdog import HANG_EXIT
 from tests.conftest import CKPT, TWO
-from tests.support.cli import run_cli, start_cli
+from tests.support.cli import Lines, run_cli, start_cli
 from tests.support.env import child_env
 from tests.support.runs import block_ids, read_metrics
 from tests.support.stopper import kill_workers, rank_pid, release
 
 HANG = re.compile(r"distclm: hang: not arrived: rank (\d+) on (\S+) \(in (.+?) at step (\d+), (.+?)\); "
                   r"waiting for it: 1 rank \(longest: rank (\d+), (\d+) s in (.+?) at step (\d+)\)")
-
-
-class Lines:
-    """A process's stdout and stderr read as they come, each line with the time it arrived."""
-
-    def __init__(self, proc):
-        self.lines: list[tuple[float, str]] = []
-        self._threads = [threading.Thread(target=self._read, args=(pipe,), daemon=True)
-                         for pipe in (proc.stdout, proc.stderr)]
-        for t in self._threads:
-            t.start()
-
-    def _read(self, pipe) -> None:
-        for line in pipe:
-            self.lines.append((time.time(), line.rstrip("\n")))
-
-    def wait_for(self, pattern: str, timeout: float) -> tuple[float, re.Match]:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            for t, line in list(self.lines):
-                if m := re.search(pattern, line):
-                    return t, m
-            time.sleep(0.1)
-        raise AssertionError(f"no line matching {pattern!r} within {timeout}s:\n" +
-                             "\n".join(line for _, line in self.lines[-40:]))
-
-    def text(self) -> str:
-        for t in self._threads:
-            t.join(timeout=10)
-        return "\n".join(line for _, line in self.lines)
 
 
 def hung_run(args, hooks: dict, timeout_s: int):
