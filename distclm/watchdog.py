@@ -200,6 +200,11 @@ def start_watchdog(activity, run_dir: Path, timeout: float) -> Watchdog | None:
     """The watchdog of this rank, started; None with one process or --train.hang_timeout_s=0."""
     from distclm import dist
 
-    if timeout <= 0 or dist.world_size() == 1:
+    if timeout <= 0 or dist.world_size() == 1 or not {"MASTER_ADDR", "MASTER_PORT"} <= os.environ.keys():
         return None
-    return Watchdog(activity, dist.rank(), dist.world_size(), run_dir, timeout).start()
+    try:
+        return Watchdog(activity, dist.rank(), dist.world_size(), run_dir, timeout).start()
+    except (RuntimeError, OSError) as exc:  # training goes on; only the naming of hangs is lost
+        print(f"distclm: warning: rank {dist.rank()}: no hang watchdog, the rendezvous store at "
+              f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} did not answer ({exc})", file=sys.stderr)
+        return None
