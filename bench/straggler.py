@@ -2,6 +2,13 @@
 kept for the heartbeat, and the watchdog thread, against the same run with all of it switched off from the outside.
 
     python bench/straggler.py [--strategies ddp,zero2] [--nproc 2] [--steps 30] [--repeats 3] [--micro 4]
+    python bench/straggler.py --unit [--strategies ddp,zero2,zero3]   # per-call costs x calls per step
+
+Whole runs compare within a few % only on a quiet machine (a load of 10 on 2 cores swung them by +-30%). --unit
+measures what the features add in-process instead: the cost of one phase, one timed collective (wrapper + Work
+proxy) and one heartbeat, times how many of each a step makes (counted in a short run of each strategy):
+
+    added per step = phases x c_phase + collectives x c_collective   (+ heartbeats: a thread, ~1 per second)
 
 gpt2-tiny on the embedded pydoc corpus (block 64), `distclm train` under torchrun, the two variants alternated
 over --repeats rounds, each a fresh launch. s/step = (t_N - t_W) / (N - W) from metrics.jsonl's per-step wall
@@ -38,12 +45,85 @@ def switch_off() -> None:
     activity.Activity.phase = lambda self, name, part=None: contextlib.nullcontext()
 
 
+def count_calls(out: Path) -> None:
+    """Count the phases and timed collectives of the run; written to `out` (JSON) at exit by rank 0."""
+    import atexit
+
+    import distclm.activity as activity
+
+    counts = {"phases": 0, "collectives": 0}
+    phase, waiting = activity.Activity.phase, activity.Activity.waiting
+
+    def counted_phase(self, *a, **k):
+        counts["phases"] += 1
+        return phase(self, *a, **k)
+
+    def counted_waiting(self, *a, **k):
+        counts["collectives"] += not self._depth
+        return waiting(self, *a, **k)
+
+    activity.Activity.phase, activity.Activity.waiting = counted_phase, counted_waiting
+    if os.environ.get("RANK") == "0":
+        atexit.register(lambda: out.write_text(json.dumps(counts)))
+
+
 def child(argv: list[str]) -> int:
     if os.environ.get("BENCH_SWITCH_OFF") == "1":
         switch_off()
+    if os.environ.get("BENCH_COUNT"):
+        count_calls(Path(os.environ["BENCH_COUNT"]))
     from distclm.cli import main
 
     return main(argv)
+
+
+def unit_costs(n: int = 20000) -> dict:
+    """Seconds per call: a phase, a timed collective with its Work's wait (no-op collective), a heartbeat."""
+    import time
+
+    import torch.distributed as td
+
+    from distclm.activity import Activity, _timed
+    from distclm.dist import free_port as port
+    from distclm.straggler import StepTimes
+    from distclm.watchdog import Watchdog
+
+    act = Activity(StepTimes())
+    act.part = "compute"
+
+    class Work:
+        def wait(self):
+            return True
+
+    fn = _timed(act, "all_reduce", lambda *a, **k: Work())
+    costs = {}
+    t = time.perf_counter()
+    for _ in range(n):
+        with act.phase("forward", "compute"):
+            pass
+    costs["phase"] = (time.perf_counter() - t) / n
+    t = time.perf_counter()
+    for _ in range(n):
+        fn().wait()
+    costs["collective"] = (time.perf_counter() - t) / n
+    store = td.TCPStore("127.0.0.1", port(), 1, is_master=True)
+    dog = Watchdog(act, 0, 2, Path(tempfile.gettempdir()), 120.0, store=store)
+    t = time.perf_counter()
+    for _ in range(n // 10):
+        dog._publish()
+        store.check(["hang"])
+    costs["heartbeat"] = (time.perf_counter() - t) / (n // 10)
+    return costs
+
+
+def counted(strategy: str, nproc: int, steps: int, micro: int, data: Path, work: Path) -> dict:
+    out = work / f"counts-{strategy}.json"
+    os.environ["BENCH_COUNT"] = str(out)
+    try:
+        s_per_step = launch(False, strategy, nproc, steps, micro, data, work)
+    finally:
+        del os.environ["BENCH_COUNT"]
+    return {**json.loads(out.read_text()), "s_per_step": s_per_step}
 
 
 def launch(off: bool, strategy: str, nproc: int, steps: int, micro: int, data: Path, work: Path) -> float:
@@ -73,12 +153,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--micro", type=int, default=4)
+    ap.add_argument("--unit", action="store_true")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="distclm-bench-straggler-"))
     data = work / "pydoc64"
     subprocess.run([sys.executable, "-m", "distclm.cli", "prepare", "--data.source=pydoc", f"--data.dir={data}",
                     "--data.block_size=64"], check=True, capture_output=True,
                    env={**os.environ, "PYTHONPATH": str(REPO)})
+    if args.unit:
+        return unit_table(args, data, work)
     rows = ["| strategy | processes | s/step on | s/step off | on/off | rounds (on, off) |", "|---|---|---|---|---|---|"]
     for strategy in args.strategies.split(","):
         on, off = [], []
@@ -95,6 +178,26 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "straggler.md").write_text(f"gpt2-tiny, micro {args.micro}, {args.steps} steps (warm-up {WARMUP}), "
                                       f"{args.repeats} rounds, medians\n\n{table}\n")
+
+
+def unit_table(args, data: Path, work: Path) -> None:
+    c = unit_costs()
+    rows = [f"per call: phase {c['phase'] * 1e6:.2f} us, timed collective + wait {c['collective'] * 1e6:.2f} us, "
+            f"heartbeat (store set + check, in its own thread, ~1/s) {c['heartbeat'] * 1e6:.0f} us", "",
+            "| strategy | phases/step | collectives/step | s/step | added us/step | added / step |",
+            "|---|---|---|---|---|---|"]
+    for strategy in args.strategies.split(","):
+        n = counted(strategy, args.nproc, args.steps, args.micro, data, work)
+        per = {k: n[k] / args.steps for k in ("phases", "collectives")}  # set-up and the final save included
+        added = per["phases"] * c["phase"] + per["collectives"] * c["collective"] + n["s_per_step"] * c["heartbeat"]
+        rows.append(f"| {strategy} | {per['phases']:.1f} | {per['collectives']:.1f} | {n['s_per_step']:.3f} | "
+                    f"{added * 1e6:.0f} | {added / n['s_per_step']:.5f} |")
+    table = "\n".join(rows)
+    print(table)
+    out = REPO / "bench" / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "straggler-unit.md").write_text(f"gpt2-tiny, micro {args.micro}, {args.nproc} processes, "
+                                           f"{args.steps} steps\n\n{table}\n")
 
 
 if __name__ == "__main__":
