@@ -266,6 +266,8 @@ def cmd_train(inv: Invocation) -> int:
     except Preempted as exc:
         print(f"distclm: {exc}", file=sys.stderr)
         return 143  # 128 + SIGTERM: retryable under Kubernetes restart policies
+    # A detected hang never returns here: the watchdog thread names it, dumps stacks and exits 75
+    # (distclm.watchdog.HANG_EXIT, EX_TEMPFAIL: retry from the newest checkpoint; docs/hangs.md).
     except NonFinite as exc:
         print(f"distclm: error: {exc}", file=sys.stderr)
         return 1
