@@ -1,6 +1,6 @@
 """A hang named: the rank the others wait for, its host and its phase; then stack dumps and a distinct exit code.
 
-Every rank runs one daemon thread. Every `beat_s` seconds it
+Every rank runs one daemon thread. Every `beat_s` seconds, and when a new step starts (at most every 0.2 s), it
 
   1. publishes this rank's heartbeat under `beat/{rank}` in a store that does not need the process group: a client
      of the rendezvous TCPStore (MASTER_ADDR:MASTER_PORT; under torchrun its agent hosts it, so it outlives a
@@ -48,6 +48,7 @@ from distclm.atomic import publish_file
 HANG_EXIT = 75
 SAVING = ("checkpoint", "export")  # phases of a live rank that the others may wait on for long: writing files
 SHOWN = 8  # missing ranks named one by one in the line; more are counted
+POLL_S, MIN_BEAT_S = 0.05, 0.2  # the thread looks at this rank's step this often; publishes at most this often
 
 
 def beat_interval(timeout: float) -> float:
@@ -152,7 +153,14 @@ class Watchdog:
         return {r: json.loads(values[k]) if k in values else None for r, k in enumerate(keys)}
 
     def _run(self) -> None:
-        while not self._stop.wait(self.beat_s):
+        # A new step is published at once (a stopped rank is then described by where it stopped, not by a beat
+        # up to beat_s older); the store sees at most one write per rank per MIN_BEAT_S.
+        last, step = time.monotonic(), self.activity.step
+        while not self._stop.wait(POLL_S):
+            now = time.monotonic()
+            if now - last < (MIN_BEAT_S if self.activity.step != step else self.beat_s):
+                continue
+            last, step = now, self.activity.step
             try:
                 self._publish()
                 if self.store.check(["hang"]):
