@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from distclm import dist
+from distclm.activity import Activity
 from distclm.checkpoint import complete_checkpoints, save_checkpoint, step_of
 from distclm.config import Config
 from distclm.console import TrainConsole
@@ -82,6 +83,7 @@ class Loop:
     watch: SlowRankWatch | None = None  # rank 0: names slow ranks (straggler.py)
     routers: object = None  # moe.RouterStats of a mixture-of-experts model, else None
     times: StepTimes = field(default_factory=StepTimes)
+    activity: Activity = field(default_factory=Activity)  # this rank's phase and waits, for step parts and heartbeat
     start_step: int = 0
     losses: list = field(default_factory=list)
 
@@ -121,14 +123,16 @@ def forward_loss(model, x: torch.Tensor, eos: int | None, routers=None, flags: t
     return out.loss if flags is None else out.nll_sum * scale + out.extra
 
 
-def train_step(engine, x: torch.Tensor, step: int, seed: int, times: StepTimes, eos: int | None = None,
+def train_step(engine, x: torch.Tensor, step: int, seed: int, act: Activity, eos: int | None = None,
                routers=None, flags: torch.Tensor | None = None, labels: int | None = None) -> tuple[torch.Tensor, float]:
     """Optimizer step `step` (1-based) over this rank's (accum, micro, T) tokens -> (mean loss, grad norm).
     `flags` (accum, micro, T) and `labels` (N of the global batch): a masked folder's exact loss.
 
-    A non-finite gradient norm means the update was skipped (Engine.optimizer_step).
+    A non-finite gradient norm means the update was skipped (Engine.optimizer_step). `act` says which phase runs
+    (the heartbeat) and collects the step's wall times and waits per part (act.times).
     """
-    t0 = time.perf_counter()
+    clock, times = act.clock, act.times
+    t0 = clock.mark()
     total = torch.zeros((), dtype=torch.float64, device=x.device)
     accum = x.size(0)
     # The engine divides each backward by accum and DDP/ZeRO average over the world: x accum x world / N leaves
@@ -137,12 +141,16 @@ def train_step(engine, x: torch.Tensor, step: int, seed: int, times: StepTimes, 
     for k, micro in enumerate(x):
         torch.manual_seed(micro_seed(seed, step, k * engine.world + engine.rank))  # [accum][world] layout
         with engine.micro_batch(last=k == accum - 1):
-            loss = forward_loss(engine.model, micro, eos, routers, None if flags is None else flags[k], scale)
-            engine.backward(loss)
+            with act.phase("forward", "compute"):
+                loss = forward_loss(engine.model, micro, eos, routers, None if flags is None else flags[k], scale)
+            with act.phase("backward", "compute"):
+                engine.backward(loss)
         total += loss.detach().double()
-    t1 = time.perf_counter()
-    grad_norm = engine.optimizer_step()
-    times.add(compute=t1 - t0, optimizer=time.perf_counter() - t1)
+    t1 = clock.mark()
+    with act.phase("optimizer", "optimizer"):
+        grad_norm = engine.optimizer_step()
+    times.span("compute", t0, t1)
+    times.span("optimizer", t1, clock.mark())
     return total / accum, grad_norm
 
 
@@ -237,7 +245,9 @@ def run_eval(loop: Loop, step: int) -> dict | None:
     e = loop.engine
     # A ZeRO-3 forward is collective (every rank runs as many); any other is local: the bare module, no DDP hooks.
     model = e.model if e.forward_is_collective else e.module
-    result = evaluate_splits(model, splits, loop.cfg.eval.batch_size, e.device, e.forward_is_collective, loop.plan.eos)
+    with loop.activity.phase("eval"):
+        result = evaluate_splits(model, splits, loop.cfg.eval.batch_size, e.device, e.forward_is_collective,
+                                 loop.plan.eos)
     record = {"type": "eval", "step": step, "epoch": step / loop.plan.sampler.steps_per_epoch,
               "eval_loss": result["loss"], "eval_perplexity": result["perplexity"], "eval_tokens": result["tokens"],
               "eval_blocks": result["blocks"]}
@@ -251,8 +261,9 @@ def run_eval(loop: Loop, step: int) -> dict | None:
 
 
 def save(loop: Loop, step: int) -> Path:
-    path = save_checkpoint(loop.engine, loop.run.path, loop.plan.checkpoint_meta(step), loop.cfg.train.keep_last,
-                           loop.hf)
+    with loop.activity.phase("checkpoint"):
+        path = save_checkpoint(loop.engine, loop.run.path, loop.plan.checkpoint_meta(step),
+                               loop.cfg.train.keep_last, loop.hf)
     loop.trackers.checkpointed(step_of(complete_checkpoints(loop.run.path)[0]))  # the oldest a resume can use
     loop.console.print(f"checkpoint {path}")
     return path
@@ -281,28 +292,32 @@ def preempt(loop: Loop, done: int, stop: StopSignal) -> None:
 
 def run_loop(loop: Loop, stop: StopSignal) -> dict:
     """Steps start_step+1 .. total_steps; -> the summary of this launch."""
-    engine, plan, seed = loop.engine, loop.plan, loop.cfg.train.seed
+    engine, plan, seed, act = loop.engine, loop.plan, loop.cfg.train.seed, loop.activity
     t0, last_eval, streak = time.perf_counter(), None, 0
     engine.model.train()
     loop.console.start()
     for done in range(loop.start_step + 1, plan.total_steps + 1):
         ids = plan.sampler.rank_indices(done - 1, engine.rank)
         log_block_ids(loop, done, ids)
-        t = time.perf_counter()
-        x = micro_batches(plan.train_blocks, ids, engine.device)
-        flags = micro_flags(plan.train_blocks, ids, engine.device) if plan.masked else None
-        labels = global_labels(plan.train_blocks, plan.sampler, done - 1) if plan.masked else None
-        loop.times.add(data=time.perf_counter() - t)
+        act.step = done
+        t = act.clock.mark()
+        with act.phase("data", "data"):
+            x = micro_batches(plan.train_blocks, ids, engine.device)
+            flags = micro_flags(plan.train_blocks, ids, engine.device) if plan.masked else None
+            labels = global_labels(plan.train_blocks, plan.sampler, done - 1) if plan.masked else None
+        loop.times.span("data", t, act.clock.mark())
         lr = engine.lr  # the lr this step uses (the schedule moves on inside train_step)
-        loss_local, grad_norm = train_step(engine, x, done, seed, loop.times, plan.eos, loop.routers, flags, labels)
-        t = time.perf_counter()
+        loss_local, grad_norm = train_step(engine, x, done, seed, act, plan.eos, loop.routers, flags, labels)
+        t = act.clock.mark()
         routers = loop.routers
         extra = routers.payload(should_log(loop, done), engine.device) if routers is not None else None
-        loss, stop_all, extra = agree(loss_local, stop.requested, extra)
-        loop.times.add(comm=time.perf_counter() - t)
+        with act.phase("loss all-reduce", "comm"):
+            loss, stop_all, extra = agree(loss_local, stop.requested, extra)
+        loop.times.span("comm", t, act.clock.mark())
         loop.times.step_done()
         loop.losses.append(loss)
-        log_step(loop, done, loss, lr, grad_norm, t0, routers.figures(extra, engine.world) if routers else {})
+        with act.phase("log"):
+            log_step(loop, done, loss, lr, grad_norm, t0, routers.figures(extra, engine.world) if routers else {})
         streak = check_finite(loop, done, loss, grad_norm, streak)
         if stop_all and done < plan.total_steps:
             preempt(loop, done, stop)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distclm import dist
+from distclm.activity import Activity, attach_ddp, clock_for, instrumented
 from distclm.checkpoint import check_compatible, find_resume, load_checkpoint, needs_universal, read_meta
 from distclm.config import Config
 from distclm.console import TrainConsole
@@ -45,6 +46,7 @@ from distclm.moe import RouterStats, inactive_parameters, sparse_blocks, top_k
 from distclm.rundir import RunDir, claim_run_dir, open_data
 from distclm.straggler import SlowRankWatch
 from distclm.trackers import Trackers, parse_names
+from distclm.watchdog import start_watchdog
 
 
 @dataclass(frozen=True)
@@ -145,8 +147,9 @@ def make_plan(cfg: Config) -> Plan:
                 supervision.masked(readers), supervision.folder_template(readers))
 
 
-def build_engine(cfg: Config, plan: Plan):
-    """The process group and DeepSpeed config first, so that ZeRO-3 builds the model partitioned."""
+def build_engine(cfg: Config, plan: Plan, activity: Activity):
+    """The process group and DeepSpeed config first, so that ZeRO-3 builds the model partitioned. `activity`
+    times the collectives (already instrumented) and, under DDP, the gradient all-reduce (a comm hook)."""
     from distclm.engine import Engine
 
     engine = Engine.start(cfg.train, plan.shape.hidden_size, universal=plan.universal)
@@ -154,10 +157,12 @@ def build_engine(cfg: Config, plan: Plan):
                        cfg.train.seed)
     engine.loss = install(model, cfg.train.fused_loss)
     engine.wrap(model, plan.total_steps)
+    attach_ddp(activity, engine.model)
+    activity.clock = clock_for(engine.device)
     return engine
 
 
-def build_loop(cfg: Config, plan: Plan, engine, run: RunDir) -> Loop:
+def build_loop(cfg: Config, plan: Plan, engine, run: RunDir, activity: Activity) -> Loop:
     module, shape = engine.module, plan.shape
     k, inactive = top_k(module.config), inactive_parameters(module, top_k(module.config))
     # FLOPs per token from the model's own shape and its ACTIVE parameters (the formulas: metrics.py, moe.py)
@@ -171,6 +176,7 @@ def build_loop(cfg: Config, plan: Plan, engine, run: RunDir) -> Loop:
     trackers = Trackers(engine, parse_names(cfg.log.trackers), run.path, cfg.to_dict())
     loop = Loop(cfg, plan, engine, run, hf, TrainConsole(plan.total_steps, cfg.log.interval_s),
                 MetricsFile(run.metrics, enabled=engine.is_main), trackers, ThroughputMeter(fpt, engine.world, peak))
+    loop.activity, activity.times, loop.times.clock = activity, loop.times, activity.clock
     hosts = dist.all_gather_object(socket.gethostname())  # once: to name a slow rank by its host
     loop.watch = SlowRankWatch(hosts) if engine.is_main else None
     blocks = sparse_blocks(module)
@@ -198,7 +204,8 @@ def finish(loop: Loop, summary: dict) -> dict:
 
     e = loop.engine
     e.drop_optimizer_state()  # the last checkpoint holds it
-    export_run(loop.run.path, engine=e)
+    with loop.activity.phase("export"):
+        export_run(loop.run.path, engine=e)
     trainable, total = parameter_counts(e.module)
     inactive = inactive_parameters(e.module, top_k(e.module.config))  # a mixture of experts: per token, fewer
     summary = {**summary, "params": {"trainable": trainable, "total": total,
@@ -223,29 +230,35 @@ def already_done(loop: Loop) -> dict:
 def train(cfg: Config) -> dict:
     """Entry point: the phases in order; the process group is closed in `finally`."""
     stop = StopSignal()  # installed first: a SIGTERM during set-up is acted on at the first step boundary
-    engine = None
+    engine = watchdog = None
+    activity = Activity()  # this rank's phase and waits: the step parts and the heartbeat read it
     try:
         cfg = for_world(cfg, dist.world_size())
         plan = make_plan(cfg)
-        engine = build_engine(cfg, plan)
-        run = claim_run_dir(cfg, engine, plan.data_fingerprints)
-        loop = build_loop(cfg, plan, engine, run)
-        if plan.resume_from is not None:
-            resume(loop)
-        if loop.start_step >= plan.total_steps:
-            return already_done(loop)
-        try:
-            return finish(loop, run_loop(loop, stop))
-        finally:
-            loop.trackers.close()
+        with instrumented(activity):
+            engine = build_engine(cfg, plan, activity)
+            run = claim_run_dir(cfg, engine, plan.data_fingerprints)
+            loop = build_loop(cfg, plan, engine, run, activity)
+            watchdog = start_watchdog(activity, run.path, cfg.train.hang_timeout_s)
+            if plan.resume_from is not None:
+                resume(loop)
+            if loop.start_step >= plan.total_steps:
+                return already_done(loop)
+            try:
+                return finish(loop, run_loop(loop, stop))
+            finally:
+                loop.trackers.close()
     finally:
+        if watchdog is not None:
+            watchdog.stop()
         stop.restore()
         engine.close() if engine is not None else dist.destroy()
 
 
 def train_command(inv) -> int:
     """`distclm train`: 0 done; 143 stopped by SIGTERM after saving (retryable under Kubernetes restart policies);
-    1 stopped on non-finite losses."""
+    1 stopped on non-finite losses. A detected hang never returns here: the watchdog thread names it, dumps stacks
+    and exits 75 (distclm.watchdog.HANG_EXIT, EX_TEMPFAIL: retry from the newest checkpoint; docs/hangs.md)."""
     try:
         train(inv.cfg)
     except Preempted as exc:

@@ -173,6 +173,8 @@ def validate(cfg: Config) -> None:
                        "log.every_steps": cfg.log.every_steps}.items():
         if value < 0:
             raise UserError(f"--{key} must be >= 0, got {value}")
+    if t.hang_timeout_s < 0:
+        raise UserError(f"--train.hang_timeout_s must be >= 0 (0 = off), got {t.hang_timeout_s}")
     if t.dist_timeout_s <= 0:
         raise UserError(f"--train.dist_timeout_s must be positive, got {t.dist_timeout_s}")
     if t.lr <= 0:

@@ -108,6 +108,9 @@ class TrainConfig:
                                      "blocks whose experts are separate modules (found from the structure; else a "
                                      "rank that routes no token to an expert hangs the others); none; or a comma "
                                      "list of class names, with auto among them to keep the rule's.")
+    hang_timeout_s: float = F(120.0, "Seconds a rank may wait in a collective for ranks that do not arrive before "
+                                     "the live ranks name them (host, phase, step), dump their stacks to "
+                                     "RUN/hang-rank{R}.txt and exit 75 (0 = off; docs/hangs.md).")
 
 
 @dataclass

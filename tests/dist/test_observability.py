@@ -105,7 +105,7 @@ def test_an_undisturbed_run_names_no_slow_rank_and_logs_the_step_parts(tracked):
     run, console = tracked
     assert "is slow" not in console
     parts = read_metrics(run)[10]["step_parts"]
-    assert set(parts) == {"data", "compute", "optimizer", "comm"}
+    assert set(parts) == {"data", "compute", "optimizer", "comm", "wait"}
     assert all(p["max"] >= p["median"] >= 0 and p["max_rank"] in (0, 1) for p in parts.values())
 
 

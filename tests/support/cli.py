@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,3 +60,33 @@ def start_cli(cmd: str, *args, nproc: int = 1, env: dict | None = None) -> subpr
     """Start `distclm CMD ARGS` in the background (for tests that signal or kill it)."""
     return subprocess.Popen(command(cmd, args, nproc), env=env or child_env(), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+
+
+class Lines:
+    """A process's stdout and stderr read as they come, each line with the time it arrived."""
+
+    def __init__(self, proc):
+        self.lines: list[tuple[float, str]] = []
+        self._threads = [threading.Thread(target=self._read, args=(pipe,), daemon=True)
+                         for pipe in (proc.stdout, proc.stderr)]
+        for t in self._threads:
+            t.start()
+
+    def _read(self, pipe) -> None:
+        for line in pipe:
+            self.lines.append((time.time(), line.rstrip("\n")))
+
+    def wait_for(self, pattern: str, timeout: float) -> tuple[float, re.Match]:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            for t, line in list(self.lines):
+                if m := re.search(pattern, line):
+                    return t, m
+            time.sleep(0.1)
+        raise AssertionError(f"no line matching {pattern!r} within {timeout}s:\n" +
+                             "\n".join(line for _, line in self.lines[-40:]))
+
+    def text(self) -> str:
+        for t in self._threads:
+            t.join(timeout=10)
+        return "\n".join(line for _, line in self.lines)

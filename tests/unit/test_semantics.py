@@ -100,18 +100,39 @@ def test_dropout_seed_depends_on_step_and_position_only():
     assert len({micro_seed(0, 5, 1), micro_seed(0, 5, 2), micro_seed(0, 6, 1), micro_seed(1, 5, 1)}) == 4
 
 
-def test_slow_rank_is_named_after_three_intervals_and_comm_is_never_blamed():
+def test_slow_rank_is_named_after_three_intervals_and_waiting_is_never_blamed():
     from distclm.straggler import SlowRankWatch, slow, summary
 
-    fine = [[0.01, 0.50, 0.01, 0.20], [0.01, 0.52, 0.01, 0.02]]  # rank 0 waits in comm for rank 1: no alarm
+    # rows: data, compute, optimizer (own work, waits left out), comm, wait: seconds per step
+    fine = [[0.01, 0.30, 0.01, 0.20, 0.22], [0.01, 0.32, 0.01, 0.02, 0.02]]  # rank 0 waits for rank 1: no alarm
     assert slow(fine) == {}
-    slow_reads = [[0.01, 0.50, 0.01, 0.22], [0.21, 0.50, 0.01, 0.02]]
+    slow_reads = [[0.01, 0.50, 0.01, 0.22, 0.22], [0.21, 0.50, 0.01, 0.02, 0.02]]
     assert slow(slow_reads) == {(1, "data"): (0.21, 0.01)}
     watch = SlowRankWatch(["node-a", "node-b"])
     said = [watch.update(slow_reads) for _ in range(4)]
     assert said == [[], [], ["rank 1 (node-b) is slow: data wait 0.21 s/step, median 0.01 s"], []]
     assert summary(slow_reads)["data"] == {"max": 0.21, "median": 0.11, "max_rank": 1}
-    assert slow([[0.011, 0.5, 0.01, 0], [0.02, 0.5, 0.01, 0]]) == {}  # 2x, but 0.009 s is noise on a 0.5 s step
+    assert slow([[0.011, 0.5, 0.01, 0, 0], [0.02, 0.5, 0.01, 0, 0]]) == {}  # 2x, but 0.009 s is noise on 0.5 s
+    # Slow in compute: the fast ranks' forward+backward walls look alike (they wait inside the backward), their
+    # own work does not. 3 ranks, rank 2 computes 0.30 s, the others 0.10 s and wait 0.20 s for it.
+    compute = [[0.01, 0.10, 0.01, 0.01, 0.21], [0.01, 0.10, 0.01, 0.01, 0.21], [0.01, 0.30, 0.01, 0.01, 0.01]]
+    assert slow(compute) == {(2, "compute"): (0.30, 0.10)}
+    assert summary(compute)["wait"] == {"max": 0.21, "median": 0.21, "max_rank": 0}
+
+
+def test_step_times_leave_waits_out_of_own_work():
+    from distclm.straggler import StepTimes
+
+    times = StepTimes()
+    for _ in range(2):
+        times.span("compute", 0.0, 0.5)  # forward+backward wall 0.5 s, of which 0.3 s blocked in an all-reduce
+        times.wait("compute", 1.0, 1.3)
+        times.span("comm", 0.0, 0.1)
+        times.wait("comm", 0.0, 0.08)
+        times.step_done()
+    data, compute, optimizer, comm, wait = times.take()
+    assert (data, optimizer) == (0.0, 0.0) and abs(compute - 0.2) < 1e-9 and abs(comm - 0.1) < 1e-9
+    assert abs(wait - 0.38) < 1e-9 and times.take() == [0.0] * 5
 
 
 def test_mixture_settings_are_checked():

@@ -5,6 +5,10 @@
     DISTCLM_TEST_SIGTERM_AT_STEP="10"    rank 0 sends itself SIGTERM during that step (a preemption, exactly there)
     DISTCLM_TEST_SLOW_READS="1:0.2"      rank 1's block reads take 0.2 s longer (a slow disk on one node)
     DISTCLM_TEST_TOY_MOE="1"             the toy mixture of experts (tests/support/toy_moe.py) is a known model type
+    DISTCLM_TEST_SLOW_FORWARD="1:0.2"    rank 1's forward of each micro-batch takes 0.2 s longer (a slow device);
+                                         "all:0.2" on every rank
+    DISTCLM_TEST_SIGSTOP_AT_STEP="1:10"  rank 1 stops itself (SIGSTOP, for good) at the start of that step
+    DISTCLM_TEST_BLOCK_AT_STEP="1:10"    rank 1 blocks forever in a Python hook inside that step's backward
 """
 
 import os
@@ -32,7 +36,21 @@ if _slow_rank and os.environ.get("RANK") == _slow_rank:
 
     SplitBlocks.batch = batch
 
-if _nan_steps or _sigterm_at:
+
+
+def _on_this_rank(setting: str) -> str | None:
+    """"R:VALUE" -> VALUE when this process is rank R (or R is "all"), else None."""
+    who, _, value = os.environ.get(setting, "").partition(":")
+    return value if who and who in ("all", os.environ.get("RANK", "0")) else None
+
+
+_slow_forward = _on_this_rank("DISTCLM_TEST_SLOW_FORWARD")
+_sigstop_at = int(_on_this_rank("DISTCLM_TEST_SIGSTOP_AT_STEP") or 0)
+_block_at = int(_on_this_rank("DISTCLM_TEST_BLOCK_AT_STEP") or 0)
+
+if _nan_steps or _sigterm_at or _slow_forward or _sigstop_at or _block_at:
+    import time
+
     import distclm.loop as _loop
 
     _train_step, _forward_loss, _now = _loop.train_step, _loop.forward_loss, {"step": None}
@@ -41,10 +59,21 @@ if _nan_steps or _sigterm_at:
         _now["step"] = step
         if step == _sigterm_at and os.environ.get("RANK", "0") == "0":
             os.kill(os.getpid(), signal.SIGTERM)
+        if step == _sigstop_at:
+            os.kill(os.getpid(), signal.SIGSTOP)
         return _train_step(engine, x, step, *args, **kwargs)
 
     def forward_loss(*args, **kwargs):
+        if _slow_forward:
+            time.sleep(float(_slow_forward))
         loss = _forward_loss(*args, **kwargs)
+        if _now["step"] == _block_at:
+            loss.register_hook(blocked_in_a_backward_hook)  # runs inside this step's backward
         return loss * float("nan") if _now["step"] in _nan_steps else loss
+
+    def blocked_in_a_backward_hook(grad):
+        import threading
+
+        threading.Event().wait()  # forever: a rank alive but stuck in Python
 
     _loop.train_step, _loop.forward_loss = train_step, forward_loss
