@@ -34,6 +34,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
             "distclm run --preset=demo|eli5-distilgpt2 [overrides]"),
     "doctor": ("Versions, DeepSpeed ops, launcher env, resolved config; under a launcher, an all-reduce on every rank.",
                "distclm doctor [--train.backend=...] [--train.dist_timeout_s=S]   (or: launchers/torchrun.sh doctor)"),
+    "plan": ("Per-rank peak memory by part and step time of each strategy; which fits, fastest first, and a pick.",
+             "distclm plan --model.name=MODEL [train flags] --plan.world=N [--plan.device_memory=80GB] "
+             "[--plan.output=plan.json]"),
 }
 
 # Flags outside the --section.key scheme: name -> (takes a value, help).
@@ -320,6 +323,7 @@ HANDLERS: dict[str, Callable[[Invocation], int]] = {
     "export": cmd_export,
     "run": cmd_run,
     "doctor": cmd_doctor,
+    "plan": lambda inv: __import__("distclm.plan_cli", fromlist=["plan_command"]).plan_command(inv.cfg),
 }
 
 

@@ -40,6 +40,7 @@ from distclm.model import (
     matmul_parameters,
     parameter_counts,
 )
+from distclm.plan_cli import memory_summary, resolve_auto_micro
 from distclm.rundir import RunDir, claim_run_dir, open_data_verified
 from distclm.straggler import SlowRankWatch
 from distclm.trackers import Trackers, parse_names
@@ -190,13 +191,15 @@ def finish(loop: Loop, summary: dict) -> dict:
     e.drop_optimizer_state()  # the last checkpoint holds it
     export_run(loop.run.path, engine=e)
     trainable, total = parameter_counts(e.module)
-    summary = {**summary, "params": {"trainable": trainable, "total": total}}
+    memory = memory_summary(loop.cfg, loop.plan.block_size, e.device)
+    summary = {**summary, "params": {"trainable": trainable, "total": total}, "memory": memory}
     if e.is_main:
         (loop.run.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         plot_curves(loop.run.metrics, loop.run.path / "curves.png")
     final = "n/a (nothing left to train)" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
     loop.console.print(f"done: {summary['steps']} steps, final loss {final}, {summary['tokens_per_s']:.0f} "
-                       f"tokens/s, run dir {loop.run.path}")
+                       f"tokens/s, run dir {loop.run.path}; per-rank peak memory {memory['peak_bytes'] / 1e9:.2f} GB, "
+                       f"planned {memory['predicted_bytes'] / 1e9:.2f} GB")
     return summary
 
 
@@ -213,7 +216,7 @@ def train(cfg: Config) -> dict:
     stop = StopSignal()  # installed first: a SIGTERM during set-up is acted on at the first step boundary
     engine = None
     try:
-        cfg = for_world(cfg, dist.world_size())
+        cfg = for_world(resolve_auto_micro(cfg, dist.world_size()), dist.world_size())
         plan = make_plan(cfg)
         engine = build_engine(cfg, plan)
         run = claim_run_dir(cfg, engine, plan.data_fingerprints)

@@ -1,0 +1,74 @@
+"""This machine's numbers for the plan, measured once and cached in ~/.cache/distclm/plan-host.json.
+
+    baseline_bytes  resident memory of a fresh process that imported what a training rank imports (torch,
+                    transformers, accelerate, DeepSpeed, distclm's train and engine): the part of every
+                    rank's peak that no model or batch explains
+    matmul_tflops   sustained fp32 FLOP/s of one 1024 x 1024 x 1024 matmul on this process's threads
+                    (2 * 1024^3 FLOPs per call), the CPU's "device throughput"
+
+The cache is keyed by the versions of python, torch, transformers and deepspeed and the thread count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+_PROBE = r"""
+import json, time, psutil
+import torch, transformers, accelerate, deepspeed
+import distclm.engine, distclm.train
+rss = psutil.Process().memory_info().rss
+a = torch.randn(1024, 1024); b = torch.randn(1024, 1024); a @ b
+n, t0 = 0, time.perf_counter()
+while time.perf_counter() - t0 < 0.5:
+    a @ b; n += 1
+rate = 2 * 1024 ** 3 * n / (time.perf_counter() - t0) / 1e12
+print(json.dumps({"baseline_bytes": rss, "matmul_tflops": rate,
+                  "key": [torch.__version__, transformers.__version__, deepspeed.__version__]}))
+"""
+
+
+def cache_path() -> Path:
+    return Path(os.environ.get("DISTCLM_CACHE", Path.home() / ".cache" / "distclm")) / "plan-host.json"
+
+
+def _key() -> list:
+    from importlib.metadata import version
+
+    def v(name: str) -> str:
+        try:
+            return version(name)
+        except Exception:  # noqa: BLE001 - not installed: part of the key all the same
+            return "none"
+
+    return [sys.version.split()[0], v("torch"), v("transformers"), v("deepspeed"),
+            os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))]
+
+
+def host_measurements() -> dict:
+    """{"baseline_bytes", "matmul_tflops"} of this machine, from the cache or measured now (~5 s, once)."""
+    path, key = cache_path(), _key()
+    try:
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return cached
+    except (OSError, ValueError):
+        pass
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent) + os.pathsep
+           + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, env=env, timeout=300)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"measuring this machine's process baseline failed: {proc.stderr[-2000:]}")
+    measured = {**json.loads(lines[-1]), "key": key}
+    try:
+        from distclm.atomic import atomic_write
+
+        atomic_write(path, (json.dumps(measured) + "\n").encode())
+    except OSError:  # a read-only home: measured again next time
+        pass
+    return measured
