@@ -45,13 +45,14 @@ def gb(n: float) -> str:
 # The device and the process baseline
 
 
-def device_for(cfg, world: int, local_world: int | None = None):
-    """The device the flags describe, else this machine's: its GPU, or its RAM shared by the ranks on it."""
+def device_for(cfg, world: int, local_world: int | None = None, here: bool = False):
+    """The device the flags describe, else this machine's: its GPU, or its RAM shared by the ranks on it.
+    `here`: a run on this machine (micro auto, summary.json): --plan.device_memory only caps its memory."""
     from distclm.plan_probe import host_measurements
 
     p = cfg.plan
-    gpu = _gpu_here() if p.device_memory is None else None
-    is_host = p.device_memory is None and gpu is None
+    gpu = _gpu_here() if p.device_memory is None or here else None
+    is_host = (p.device_memory is None or here) and gpu is None
     probe = host_measurements() if is_host or p.baseline is None else {}
     if p.device_memory is not None:
         memory = parse_size(p.device_memory, "--plan.device_memory")
@@ -167,8 +168,8 @@ def make_plan(cfg, world: int | None = None, device=None, arch=None) -> dict:
         raise UserError(f"--plan.world must be at least 1, got {world}")
     if not 0 <= cfg.plan.margin < 1:
         raise UserError(f"--plan.margin must be in [0, 1), got {cfg.plan.margin}")
-    arch = arch or pm.arch_of(load_config(cfg.model.name, cfg.model.trust_remote_code), cfg.lora)
     device = device or device_for(cfg, world)
+    arch = arch or pm.arch_of(load_config(cfg.model.name, cfg.model.trust_remote_code), cfg.lora)
     base = base_setup(cfg, world, block_size_of(cfg), device)
     given = pm.evaluate(arch, base, ds_for(cfg, base, arch.shape.hidden_size), device, cfg.plan.margin)
     configs = evaluate_all(cfg, arch, base, device, cfg.plan.margin)
@@ -204,19 +205,19 @@ def plan_command(cfg) -> int:
 
 
 def resolve_auto_micro(cfg, world: int, log=None):
-    """`cfg` with micro auto replaced by the largest micro-batch the plan says fits this machine (the strategy,
-    offload and checkpointing as given), and the global batch made explicit so accumulation keeps it exact."""
+    """`cfg` with micro auto replaced by the largest micro-batch the plan says fits this device (or
+    --plan.device_memory), the strategy, offload and checkpointing as given, and the global batch made explicit
+    so accumulation keeps it exact: the same global batch whatever the pick."""
     t = cfg.train
     if t.micro_batch_size != "auto" or not cfg.model.name:
         return cfg
     g = global_batch(t, world)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    plan_cfg = dataclasses.replace(cfg, plan=dataclasses.replace(cfg.plan, world=world, device_memory=None,
-                                                                 device_tflops=None))
+    plan_cfg = dataclasses.replace(cfg, plan=dataclasses.replace(cfg.plan, world=world))
     from distclm.model import load_config
 
+    device = device_for(plan_cfg, world, local, here=True)  # --plan.device_memory caps it when given
     arch = pm.arch_of(load_config(cfg.model.name, cfg.model.trust_remote_code), cfg.lora)
-    device = device_for(plan_cfg, world, local)
     base = base_setup(plan_cfg, world, block_size_of(cfg), device)
     per_rank = g // world
     micro, row = 1, None
@@ -242,7 +243,7 @@ def predicted_bytes(cfg, world: int, block: int) -> int:
 
     arch = pm.arch_of(load_config(cfg.model.name, cfg.model.trust_remote_code), cfg.lora)
     plan_cfg = dataclasses.replace(cfg, plan=dataclasses.replace(cfg.plan, world=world, device_memory=None))
-    device = device_for(plan_cfg, world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    device = device_for(plan_cfg, world, int(os.environ.get("LOCAL_WORLD_SIZE", world)), here=True)
     if not device.is_host:
         device = dataclasses.replace(device, baseline_bytes=0)
     t = cfg.train

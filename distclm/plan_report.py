@@ -77,7 +77,8 @@ def nothing_fits(cfg, plan: dict) -> str:
     device = pm.Device(g["device_memory_bytes"], g["device_tflops"], g["bandwidth_gbps"], g["baseline_bytes"],
                        g["device_is_host"])
     out = [f"NOTHING FITS in {gb(g['device_memory_bytes'])} per rank (margin {g['margin']:.0%}): the smallest is "
-           f"{name_of(least)} at {gb(least['per_rank_peak_bytes'])}. What would fit:"]
+           f"{name_of(least)} at {gb(least['per_rank_peak_bytes'])} (checkpointing and offload included). "
+           f"What would fit:"]
     world, arch = g["world"], pm.arch_of(load_config(cfg.model.name, cfg.model.trust_remote_code), cfg.lora)
     for w in (world * 2 ** k for k in range(1, 13)):
         p = make_plan(_with(cfg, "train", global_batch_size=g["global_batch_size"] // world * w), w, device, arch)
@@ -94,8 +95,6 @@ def nothing_fits(cfg, plan: dict) -> str:
         if block >= 2:
             p = make_plan(_with(_with(cfg, "data", block_size=block, dir=None), "train"), world, device, arch)
             out.append(_verdict(f"--data.block_size={block}", p))
-    if not any(c["activation_checkpointing"] for c in configs if c is least):
-        out.append("  - activation checkpointing is already among the candidates above")
     return "\n".join(out)
 
 
