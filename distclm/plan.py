@@ -7,14 +7,15 @@ B = micro-batch, S = block size, V = vocabulary. Bytes per element: weights/grad
 with bf16/fp16 DeepSpeed casts the model: 2; DDP's autocast keeps fp32 weights and grads).
 
     weights        P * wb                        zero3: / w            offload=all: on the host
-    gradients      T * wb                        zero3: / w            ddp: + DDP's bucket copy T * 4
-                                                 zero1, zero2: + the reduced partition T * wb / w
+    gradients      T * wb (as backward makes them; zero2/3 on a GPU: 0, reduced bucket by bucket)
+    grad partition T * wb / w (zero1-3: the reduced share)   ddp: + DDP's bucket copy T * 4
     master         T * 4 / w (ZeRO in bf16; in fp32 the master is the partition itself: 0)
     optimizer      T * 8 (Adam m, v)             zero1-3: / w          offload: on the host
     activations    B * S * (L * a_layer + 3h) * ab    checkpointing: B * S * (L * h + a_layer + 3h) * ab
     output layer   fused: c * V * 4 (the loss's kept chunk) + B * S * h * 4;  else 4 * B * S * V * 4
     ZeRO buffers   reduce bucket; zero3: the gathered layers (max_live + prefetch + the embedding) * wb
-    baseline       the process itself (torch, transformers, DeepSpeed imported), measured once, cached
+    baseline       the process itself (torch, transformers, DeepSpeed imported; ZeRO: + DeepSpeed's engine),
+                   measured once on this machine (plan_probe.py), cached
 
 a_layer, elements saved for backward per token and layer: attention 2h (norm in/out) + 3q + 2kv (+ q + kv
 rotated copies with rotary) with q = heads x head_dim, kv = kv_heads x head_dim; MLP 2h + 4f gated (gate,
@@ -145,17 +146,21 @@ class Device:
     bandwidth_gbps: float  # Gbit/s each rank sends and receives at in collectives
     baseline_bytes: int
     is_host: bool          # CPU ranks: host offload lands in the same memory
+    zero_extra_bytes: int = 0  # what DeepSpeed's engine adds to a ZeRO rank's baseline (measured on CPU ranks)
 
 
-def model_state_parts(a: Arch, s: Setup, ds: dict | None) -> dict[str, int]:
-    """Weights, gradients, master copies and Adam states of one rank, as the strategy partitions them."""
+def model_state_parts(a: Arch, s: Setup, ds: dict | None, host: bool = False) -> dict[str, int]:
+    """Weights, gradients, master copies and Adam states of one rank, as the strategy partitions them.
+    `host`: CPU ranks, where glibc's allocator keeps what backward freed (see `gradients` below)."""
     P, T, w, z = a.total, a.trainable, s.world, s.stage
     wb = 2 if (s.half and z) else 4
     shard = lambda n, stage: n / w if z >= stage else n  # noqa: E731 - ZeRO stage `stage` partitions n
-    # zero1/2: every gradient is alive at the end of backward before DeepSpeed reduces it into this rank's
-    # partition (measured: bench/plan.py); zero3 reduces each layer's gradients as its backward ends.
-    parts = {"weights": shard(P * wb, 3), "gradients": T * wb if z in (0, 1, 2) else T * wb / w,
-             "gradient partition": T * wb / w if z in (1, 2) else 0,
+    # Gradients as backward makes them, full size: ddp and zero1 keep them all until the step. zero2/3 reduce
+    # each bucket into this rank's partition as backward goes; a GPU's caching allocator reuses that memory,
+    # while on CPU ranks the heap keeps all of it until the step ends (measured: bench/plan.py).
+    full = z <= 1 or host
+    parts = {"weights": shard(P * wb, 3), "gradients": T * wb if full else 0,
+             "gradient partition": T * wb / w if z else 0,
              "master weights": T * 4 / w if (z and wb == 2) else 0,
              "optimizer states": shard(T * 8, 1)}
     if z == 0:
@@ -194,7 +199,8 @@ def activation_parts(a: Arch, s: Setup) -> dict[str, int]:
 
 def memory_parts(a: Arch, s: Setup, ds: dict | None, device: Device) -> dict[str, int]:
     """Every part of one rank's peak, bytes; `host: ...` parts live in host memory."""
-    return {**model_state_parts(a, s, ds), **activation_parts(a, s), "process baseline": device.baseline_bytes}
+    baseline = device.baseline_bytes + (device.zero_extra_bytes if s.stage else 0)
+    return {**model_state_parts(a, s, ds, device.is_host), **activation_parts(a, s), "process baseline": baseline}
 
 
 def per_rank_peak(parts: dict[str, int], device: Device) -> int:

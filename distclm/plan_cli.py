@@ -71,7 +71,8 @@ def device_for(cfg, world: int, local_world: int | None = None, here: bool = Fal
     for flag, value in (("--plan.device_tflops", tflops), ("--plan.bandwidth_gbps", bandwidth)):
         if value <= 0:
             raise UserError(f"{flag} must be positive, got {value}")
-    return pm.Device(int(memory), float(tflops), float(bandwidth), int(baseline), is_host)
+    extra = probe["baseline_zero_bytes"] - probe["baseline_bytes"] if is_host and p.baseline is None else 0
+    return pm.Device(int(memory), float(tflops), float(bandwidth), int(baseline), is_host, max(0, int(extra)))
 
 
 def _gpu_here():

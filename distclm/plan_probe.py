@@ -3,6 +3,9 @@
     baseline_bytes  resident memory of a fresh process that imported what a training rank imports (torch,
                     transformers, accelerate, DeepSpeed, distclm's train and engine): the part of every
                     rank's peak that no model or batch explains
+    baseline_zero_bytes  the same after distclm's Engine set up DeepSpeed (ZeRO-2, one rank) around a model of
+                    two 64 x 64 layers and took a step, less that model's states: what DeepSpeed's own
+                    modules, groups and buffers add to a ZeRO rank
     matmul_tflops   sustained fp32 FLOP/s of one 1024 x 1024 x 1024 matmul on this process's threads
                     (2 * 1024^3 FLOPs per call), the CPU's "device throughput"
 
@@ -18,17 +21,30 @@ import sys
 from pathlib import Path
 
 _PROBE = r"""
-import json, time, psutil
+import json, os, time, psutil
 import torch, transformers, accelerate, deepspeed
 import distclm.engine, distclm.train
-rss = psutil.Process().memory_info().rss
+from distclm.config import TrainConfig
+from distclm.dist import free_port
+rss = lambda: psutil.Process().memory_info().rss
 a = torch.randn(1024, 1024); b = torch.randn(1024, 1024); a @ b
 n, t0 = 0, time.perf_counter()
 while time.perf_counter() - t0 < 0.5:
     a @ b; n += 1
 rate = 2 * 1024 ** 3 * n / (time.perf_counter() - t0) / 1e12
-print(json.dumps({"baseline_bytes": rss, "matmul_tflops": rate,
-                  "key": [torch.__version__, transformers.__version__, deepspeed.__version__]}))
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                  MASTER_PORT=str(free_port()))
+base = rss()
+engine = distclm.engine.Engine.start(TrainConfig(strategy="zero2"), 64)
+model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+engine.wrap(model, 1)
+with engine.micro_batch(last=True):
+    engine.backward(engine.model(torch.randn(1, 64)).sum())
+engine.optimizer_step()
+import resource
+peak = max(rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # the step's transients too
+print(json.dumps({"baseline_bytes": base, "baseline_zero_bytes": peak - 2 * 64 * 65 * 16, "matmul_tflops": rate}))
+engine.close()
 """
 
 
@@ -45,7 +61,7 @@ def _key() -> list:
         except Exception:  # noqa: BLE001 - not installed: part of the key all the same
             return "none"
 
-    return [sys.version.split()[0], v("torch"), v("transformers"), v("deepspeed"),
+    return [3, sys.version.split()[0], v("torch"), v("transformers"), v("deepspeed"),
             os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))]
 
 
