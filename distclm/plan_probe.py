@@ -1,10 +1,10 @@
 """This machine's numbers for the plan, measured once and cached in ~/.cache/distclm/plan-host.json.
 
-    baseline_bytes  resident memory of a fresh process that imported what a training rank imports (torch,
-                    transformers, accelerate, DeepSpeed, distclm's train and engine): the part of every
-                    rank's peak that no model or batch explains
-    baseline_zero_bytes  the same after distclm's Engine set up DeepSpeed (ZeRO-2, one rank) around a model of
-                    two 64 x 64 layers and took a step, less that model's states: what DeepSpeed's own
+    baseline_bytes  peak resident memory of a fresh process that imported what a training rank imports
+                    (torch, transformers, accelerate, DeepSpeed, distclm) and ran one rank of distclm's
+                    Engine (ddp) around a model of two 64 x 64 layers: set-up, a step, a checkpoint; less
+                    that model's states. The part of every rank's peak that no model or batch explains.
+    baseline_zero_bytes  the same process's peak after doing it again under ZeRO-2: what DeepSpeed's own
                     modules, groups and buffers add to a ZeRO rank
     matmul_tflops   sustained fp32 FLOP/s of one 1024 x 1024 x 1024 matmul on this process's threads
                     (2 * 1024^3 FLOPs per call), the CPU's "device throughput"
@@ -21,30 +21,38 @@ import sys
 from pathlib import Path
 
 _PROBE = r"""
-import json, os, time, psutil
+import json, os, resource, tempfile, time, psutil
+from pathlib import Path
 import torch, transformers, accelerate, deepspeed
 import distclm.engine, distclm.train
 from distclm.config import TrainConfig
 from distclm.dist import free_port
-rss = lambda: psutil.Process().memory_info().rss
 a = torch.randn(1024, 1024); b = torch.randn(1024, 1024); a @ b
 n, t0 = 0, time.perf_counter()
 while time.perf_counter() - t0 < 0.5:
     a @ b; n += 1
 rate = 2 * 1024 ** 3 * n / (time.perf_counter() - t0) / 1e12
-os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                  MASTER_PORT=str(free_port()))
-base = rss()
-engine = distclm.engine.Engine.start(TrainConfig(strategy="zero2"), 64)
-model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
-engine.wrap(model, 1)
-with engine.micro_batch(last=True):
-    engine.backward(engine.model(torch.randn(1, 64)).sum())
-engine.optimizer_step()
-import resource
-peak = max(rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # the step's transients too
-print(json.dumps({"baseline_bytes": base, "baseline_zero_bytes": peak - 2 * 64 * 65 * 16, "matmul_tflops": rate}))
-engine.close()
+peak = lambda: max(psutil.Process().memory_info().rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+states = 2 * 64 * 65 * 16  # the probe model's weights, gradients, DDP buckets/partitions and Adam states, at most
+
+def rank(strategy):
+    # one rank through distclm's Engine: set-up, a step, a checkpoint; -> its peak less the model's states
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(free_port()))
+    engine = distclm.engine.Engine.start(TrainConfig(strategy=strategy), 64)
+    engine.wrap(torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)), 1)
+    with engine.micro_batch(last=True):
+        engine.backward(engine.model(torch.randn(1, 64)).sum())
+    engine.optimizer_step()
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save_state(Path(tmp))
+    engine.close()
+    from accelerate.state import AcceleratorState, PartialState
+    AcceleratorState._reset_state(True); PartialState._reset_state()  # the next Engine builds its own
+    return peak() - states
+
+ddp = rank("ddp")
+print(json.dumps({"baseline_bytes": ddp, "baseline_zero_bytes": rank("zero2"), "matmul_tflops": rate}))
 """
 
 
@@ -61,7 +69,7 @@ def _key() -> list:
         except Exception:  # noqa: BLE001 - not installed: part of the key all the same
             return "none"
 
-    return [3, sys.version.split()[0], v("torch"), v("transformers"), v("deepspeed"),
+    return [4, sys.version.split()[0], v("torch"), v("transformers"), v("deepspeed"),
             os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))]
 
 
