@@ -1,7 +1,8 @@
 """Predicted (`distclm plan`) against measured per-rank peak memory, side by side, on CPU ranks.
 
-    python bench/plan.py [--models gpt2-tiny,llama-tiny,gpt2-24x1024,llama-24x1024] [--runs ddp:2,zero2:2,zero3:2]
-                         [--micros 1,8,32]
+    python bench/plan.py [--models gpt2-tiny,llama-tiny,gpt2-24x1024@1,llama-24x1024@1] [--runs ddp:2,zero2:2,zero3:2]
+                         [--micros 1,32]          (MODEL@1,8: that model at those micro-batch sizes only)
+    python bench/plan.py --big                    (the docs/plan.md table: 7B Llama and Mixtral, no runs)
 
 The runs are bench/memory.py's (a real `distclm train` under torchrun, gloo, block 128, 3 optimizer steps, a
 checkpoint and the export included, every worker's resident memory sampled every 0.1 s): its models (HF folders
@@ -109,9 +110,9 @@ def _best(configs: list[dict], strategy: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="gpt2-tiny,llama-tiny,gpt2-24x1024,llama-24x1024")
+    ap.add_argument("--models", default="gpt2-tiny,llama-tiny,gpt2-24x1024@1,llama-24x1024@1")
     ap.add_argument("--runs", default="ddp:2,zero2:2,zero3:2", help="strategy:processes, comma list")
-    ap.add_argument("--micros", default="1,8,32", help="micro-batch sizes, comma list")
+    ap.add_argument("--micros", default="1,32", help="micro-batch sizes, comma list")
     ap.add_argument("--big", action="store_true", help="print the docs table (7B Llama, Mixtral; no runs)")
     args = ap.parse_args()
     if args.big:
@@ -121,11 +122,12 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     data = memory.prepare(work)
     rows = []
-    for name in args.models.split(","):
+    for spec_model in args.models.split(","):
+        name, _, own = spec_model.partition("@")  # gpt2-24x1024@1: this model at micro 1 only
         model_arg = memory.build_model(name, work) if name in memory.MODELS else Path(name)
         for spec in args.runs.split(","):
             strategy, nproc = spec.split(":")[0], int(spec.split(":")[1])
-            for micro in (int(m) for m in args.micros.split(",")):
+            for micro in (int(m) for m in (own or args.micros).split(",")):
                 rows.append(row(name, model_arg, data, work, strategy, nproc, micro))
     text = (f"Predicted (distclm plan) vs measured per-rank peak RSS: 3 steps, block 128, a checkpoint and the export "
             f"included; CPU, gloo, {os.cpu_count()} cores.\n\n" + table(rows) + "\n")
