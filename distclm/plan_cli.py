@@ -237,6 +237,30 @@ def resolve_auto_micro(cfg, world: int, log=None):
     return dataclasses.replace(cfg, train=dataclasses.replace(t, micro_batch_size=micro, global_batch_size=g))
 
 
+def lower_after_oom(cfg, exc: BaseException, world: int):
+    """After a CUDA out-of-memory error under micro auto: the config at the next smaller micro-batch (a divisor of
+    the per-rank batch, so the global batch stays exact), or None (not that case, or micro 1 already).
+    Every rank must hit the error (equal micro-batches make equal shapes): a rank that did not waits in a
+    collective until --train.hang_timeout_s. Not exercised by the tests: they run on CPUs."""
+    import torch
+
+    if cfg.train.micro_batch_size != "auto" or not isinstance(exc, torch.OutOfMemoryError) \
+            or not torch.cuda.is_available():
+        return None
+    picked = resolve_auto_micro(cfg, world, log=lambda _: None)
+    g, m = picked.train.global_batch_size, picked.train.micro_batch_size
+    smaller = [d for d in range(1, m) if (g // world) % d == 0]
+    if not smaller:
+        return None
+    torch.cuda.empty_cache()
+    from distclm import dist
+
+    if dist.is_rank0():
+        print(f"micro-batch auto: out of memory at micro {m}; again at micro {smaller[-1]} (accumulation "
+              f"{g // world // smaller[-1]}, global batch {g})", flush=True)
+    return dataclasses.replace(picked, train=dataclasses.replace(picked.train, micro_batch_size=smaller[-1]))
+
+
 def predicted_bytes(cfg, world: int, block: int) -> int:
     """The plan's per-rank peak for this run as configured, comparable with what the run measures (on a GPU the
     CUDA context is left out: torch.cuda.max_memory_allocated does not see it)."""

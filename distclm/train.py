@@ -40,7 +40,7 @@ from distclm.model import (
     matmul_parameters,
     parameter_counts,
 )
-from distclm.plan_cli import memory_summary, resolve_auto_micro
+from distclm.plan_cli import lower_after_oom, memory_summary, resolve_auto_micro
 from distclm.rundir import RunDir, claim_run_dir, open_data_verified
 from distclm.straggler import SlowRankWatch
 from distclm.trackers import Trackers, parse_names
@@ -212,7 +212,19 @@ def already_done(loop: Loop) -> dict:
 
 
 def train(cfg: Config) -> dict:
-    """Entry point: the phases in order; the process group is closed in `finally`."""
+    """Entry point. --train.micro_batch_size=auto: on a GPU out-of-memory error the micro-batch is lowered once (the
+    global batch unchanged) and the run starts again, resuming from its newest checkpoint if one was written."""
+    try:
+        return train_once(cfg)
+    except Exception as exc:  # noqa: BLE001 - only a CUDA out-of-memory error under micro auto is retried
+        smaller = lower_after_oom(cfg, exc, dist.world_size())
+        if smaller is None:
+            raise
+        return train_once(smaller)
+
+
+def train_once(cfg: Config) -> dict:
+    """The phases in order; the process group is closed in `finally`."""
     stop = StopSignal()  # installed first: a SIGTERM during set-up is acted on at the first step boundary
     engine = None
     try:
