@@ -57,10 +57,10 @@ def render(plan: dict) -> str:
     fit = [(i, c) for i, c in enumerate(configs) if c["fits"]]
     if fit:
         lines.append(f"configurations that fit ({len(fit)} of {len(configs)}), fastest first:")
-        lines.append(f"    {'configuration':<44} {'per-rank peak':>13} {'step s':>9} {'compute':>8} {'comm':>8}")
+        lines.append(f"    {'configuration':<50} {'per-rank peak':>13} {'step s':>9} {'compute':>8} {'comm':>8}")
         for i, c in fit[:SHOWN]:
             mark = "*" if i == rec else " "
-            lines.append(f"  {mark} {name_of(c):<44} {gb(c['per_rank_peak_bytes']):>13} {c['step_time_s']:>9.3g} "
+            lines.append(f"  {mark} {name_of(c):<50} {gb(c['per_rank_peak_bytes']):>13} {c['step_time_s']:>9.3g} "
                          f"{c['compute_s']:>8.3g} {c['comm_s']:>8.3g}")
         lines += ["", why(configs, rec)]
     return "\n".join(lines)
