@@ -261,6 +261,18 @@ def lower_after_oom(cfg, exc: BaseException, world: int):
     return dataclasses.replace(picked, train=dataclasses.replace(picked.train, micro_batch_size=smaller[-1]))
 
 
+def predicted_for_run(cfg, world: int, block: int) -> int | None:
+    """predicted_bytes, or None when the plan cannot model this architecture (the run goes on without it)."""
+    try:
+        return predicted_bytes(cfg, world, block)
+    except Exception as exc:  # noqa: BLE001 - a model the meta device cannot build must not stop training
+        from distclm import dist
+
+        if dist.is_rank0():
+            print(f"memory plan unavailable for {cfg.model.name}: {str(exc).splitlines()[0][:200]}", flush=True)
+        return None
+
+
 def predicted_bytes(cfg, world: int, block: int) -> int:
     """The plan's per-rank peak for this run as configured, comparable with what the run measures (on a GPU the
     CUDA context is left out: torch.cuda.max_memory_allocated does not see it)."""
@@ -288,9 +300,10 @@ def measured_peak_bytes(device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
-def memory_summary(cfg, block: int, device) -> dict:
-    """summary.json's `memory`: the plan's per-rank peak for this run and the largest measured over the ranks."""
+def memory_summary(predicted: int, device) -> dict:
+    """summary.json's `memory`: the plan's per-rank peak for this run (computed in train's plan phase, before
+    DeepSpeed's ZeRO-3 config is registered: transformers would then build even a meta model through it) and the
+    largest peak measured over the ranks."""
     from distclm import dist
 
-    peak = max(dist.all_gather_object(measured_peak_bytes(device)))
-    return {"predicted_bytes": predicted_bytes(cfg, dist.world_size(), block), "peak_bytes": peak}
+    return {"predicted_bytes": predicted, "peak_bytes": max(dist.all_gather_object(measured_peak_bytes(device)))}

@@ -40,7 +40,7 @@ from distclm.model import (
     matmul_parameters,
     parameter_counts,
 )
-from distclm.plan_cli import lower_after_oom, memory_summary, resolve_auto_micro
+from distclm.plan_cli import lower_after_oom, memory_summary, predicted_for_run, resolve_auto_micro
 from distclm.rundir import RunDir, claim_run_dir, open_data_verified
 from distclm.straggler import SlowRankWatch
 from distclm.trackers import Trackers, parse_names
@@ -62,6 +62,7 @@ class Plan:
     resume_from: Path | None
     meta: dict | None  # the checkpoint's training state
     eos_token_id: int = 0
+    predicted_bytes: int | None = None  # the plan's per-rank peak for this run (plan_cli.py), summary.json
 
     @property
     def block_size(self) -> int:
@@ -140,7 +141,8 @@ def make_plan(cfg: Config) -> Plan:
     evals = [(str(r.folder), r.splits[cfg.eval.split].first(cfg.eval.max_blocks), w) for r, w in zip(readers, ws)
              if cfg.eval.split in r.splits]
     return Plan(cfg, shape, train_blocks, evals, ws, sampler, total, identity,
-                [r.manifest["source"].get("fingerprint") for r in readers], resume_from, meta, readers[0].eos_token_id)
+                [r.manifest["source"].get("fingerprint") for r in readers], resume_from, meta, readers[0].eos_token_id,
+                predicted_for_run(cfg, dist.world_size(), readers[0].block_size))
 
 
 def build_engine(cfg: Config, plan: Plan):
@@ -191,7 +193,7 @@ def finish(loop: Loop, summary: dict) -> dict:
     e.drop_optimizer_state()  # the last checkpoint holds it
     export_run(loop.run.path, engine=e)
     trainable, total = parameter_counts(e.module)
-    memory = memory_summary(loop.cfg, loop.plan.block_size, e.device)
+    memory = memory_summary(loop.plan.predicted_bytes, e.device)
     summary = {**summary, "params": {"trainable": trainable, "total": total}, "memory": memory}
     if e.is_main:
         (loop.run.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -199,7 +201,7 @@ def finish(loop: Loop, summary: dict) -> dict:
     final = "n/a (nothing left to train)" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
     loop.console.print(f"done: {summary['steps']} steps, final loss {final}, {summary['tokens_per_s']:.0f} "
                        f"tokens/s, run dir {loop.run.path}; per-rank peak memory {memory['peak_bytes'] / 1e9:.2f} GB, "
-                       f"planned {memory['predicted_bytes'] / 1e9:.2f} GB")
+                       f"planned {(memory['predicted_bytes'] or 0) / 1e9:.2f} GB")
     return summary
 
 
