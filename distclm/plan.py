@@ -7,7 +7,8 @@ B = micro-batch, S = block size, V = vocabulary. Bytes per element: weights/grad
 with bf16/fp16 DeepSpeed casts the model: 2; DDP's autocast keeps fp32 weights and grads).
 
     weights        P * wb                        zero3: / w            offload=all: on the host
-    gradients      T * wb (as backward makes them; zero2/3 on a GPU: 0, reduced bucket by bucket)
+    gradients      T * wb as backward makes them (zero2 on a GPU: 0, reduced bucket by bucket; zero3: the
+                   largest module's, max(V h, (P - V h) / L) * wb)
     grad partition T * wb / w (zero1-3: the reduced share)   ddp: + DDP's bucket copy T * 4
     master         T * 4 / w (ZeRO in bf16; in fp32 the master is the partition itself: 0)
     optimizer      T * 8 (Adam m, v)             zero1-3: / w          offload: on the host
@@ -151,15 +152,18 @@ class Device:
 
 def model_state_parts(a: Arch, s: Setup, ds: dict | None, host: bool = False) -> dict[str, int]:
     """Weights, gradients, master copies and Adam states of one rank, as the strategy partitions them.
-    `host`: CPU ranks, where glibc's allocator keeps what backward freed (see `gradients` below)."""
+    `host`: CPU ranks (see `gradients` below)."""
     P, T, w, z = a.total, a.trainable, s.world, s.stage
     wb = 2 if (s.half and z) else 4
     shard = lambda n, stage: n / w if z >= stage else n  # noqa: E731 - ZeRO stage `stage` partitions n
-    # Gradients as backward makes them, full size: ddp and zero1 keep them all until the step. zero2/3 reduce
-    # each bucket into this rank's partition as backward goes; a GPU's caching allocator reuses that memory,
-    # while on CPU ranks the heap keeps all of it until the step ends (measured: bench/plan.py).
-    full = z <= 1 or host
-    parts = {"weights": shard(P * wb, 3), "gradients": T * wb if full else 0,
+    # Gradients as backward makes them, full size: ddp and zero1 keep them all until the step; so does zero2 on
+    # CPU ranks (measured: bench/plan.py), while on a GPU it reduces bucket by bucket into the partition. zero3
+    # holds one module's whole gradient at a time: the largest is the output layer's (V x h, which the fused
+    # loss makes in forward) or one layer's.
+    largest = max(a.shape.vocab_size * a.shape.hidden_size, (P - a.shape.vocab_size * a.shape.hidden_size)
+                  // a.shape.num_layers)
+    in_flight = T if (z <= 1 or (z == 2 and host)) else min(T, largest) if z == 3 else 0
+    parts = {"weights": shard(P * wb, 3), "gradients": in_flight * wb,
              "gradient partition": T * wb / w if z else 0,
              "master weights": T * 4 / w if (z and wb == 2) else 0,
              "optimizer states": shard(T * 8, 1)}
