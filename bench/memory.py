@@ -92,13 +92,14 @@ def sample(root: psutil.Process, peaks: dict, stop: threading.Event) -> None:
         stop.wait(0.1)
 
 
-def run(model: Path, data: Path, strategy: str, nproc: int, work: Path) -> dict:
-    run_dir = work / "runs" / f"{model.name}-{strategy}-{nproc}"
+def run(model: Path, data: Path, strategy: str, nproc: int, work: Path, extra: tuple = ()) -> dict:
+    """One training run; `extra`: more flags (later ones win, e.g. another --train.micro_batch_size)."""
+    run_dir = work / "runs" / f"{model.name}-{strategy}-{nproc}-{len(extra)}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
            "127.0.0.1", "--master_port", str(free_port()), "-m", "distclm.cli", "train", f"--data.dir={data}",
            f"--model.name={model}", f"--run.dir={run_dir}", f"--train.strategy={strategy}", "--train.max_steps=3",
            "--train.micro_batch_size=1", "--eval.max_blocks=1", "--log.every_steps=1", "--run.overwrite=true",
-           "--run.resume=none", "--train.dist_timeout_s=3600"]
+           "--run.resume=none", "--train.dist_timeout_s=3600", *extra]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peaks, stop = {}, threading.Event()

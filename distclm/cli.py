@@ -56,6 +56,11 @@ COMMANDS: dict[str, Command] = {
     "run": Command("Everything: prepare -> train -> eval -> export -> sample.",
                    "distclm run --preset=demo|eli5-distilgpt2 [overrides]",
                    "distclm.run:run_command"),
+    "plan": Command("Per-rank peak memory by part and step time of each strategy; which fits, fastest first, and a "
+                    "pick.",
+                    "distclm plan --model.name=MODEL [train flags] --plan.world=N [--plan.device_memory=80GB] "
+                    "[--plan.output=plan.json]",
+                    "distclm.plan_report:plan_command"),
     "doctor": Command("Versions, DeepSpeed ops, launcher env, resolved config; under a launcher, an all-reduce on "
                       "every rank.",
                       "distclm doctor [--train.backend=...] [--train.dist_timeout_s=S]   "

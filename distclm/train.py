@@ -43,6 +43,7 @@ from distclm.model import (
     parameter_counts,
 )
 from distclm.moe import RouterStats, inactive_parameters, sparse_blocks, top_k
+from distclm.plan_cli import lower_after_oom, memory_summary, predicted_for_run, resolve_auto_micro
 from distclm.rundir import RunDir, claim_run_dir, open_data
 from distclm.straggler import SlowRankWatch
 from distclm.trackers import Trackers, parse_names
@@ -67,6 +68,7 @@ class Plan:
     eos_token_id: int = 0
     masked: bool = False  # chat / prompt_completion data: loss on labels only, attention within samples
     chat_template: str | None = None  # the data's, carried into the export
+    predicted_bytes: int | None = None  # the plan's per-rank peak for this run (plan_cli.py), summary.json
 
     @property
     def block_size(self) -> int:
@@ -144,7 +146,8 @@ def make_plan(cfg: Config) -> Plan:
              if cfg.eval.split in r.splits]
     return Plan(cfg, shape, train_blocks, evals, ws, sampler, total, identity,
                 [r.manifest["source"].get("fingerprint") for r in readers], resume_from, meta, readers[0].eos_token_id,
-                supervision.masked(readers), supervision.folder_template(readers))
+                supervision.masked(readers), supervision.folder_template(readers),
+                predicted_for_run(cfg, dist.world_size(), readers[0].block_size))
 
 
 def build_engine(cfg: Config, plan: Plan, activity: Activity):
@@ -208,14 +211,16 @@ def finish(loop: Loop, summary: dict) -> dict:
         export_run(loop.run.path, engine=e)
     trainable, total = parameter_counts(e.module)
     inactive = inactive_parameters(e.module, top_k(e.module.config))  # a mixture of experts: per token, fewer
+    memory = memory_summary(loop.plan.predicted_bytes, e.device)
     summary = {**summary, "params": {"trainable": trainable, "total": total,
-                                     **({"active": total - inactive} if inactive else {})}}
+                                     **({"active": total - inactive} if inactive else {})}, "memory": memory}
     if e.is_main:
         (loop.run.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         plot_curves(loop.run.metrics, loop.run.path / "curves.png")
     final = "n/a (nothing left to train)" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
     loop.console.print(f"done: {summary['steps']} steps, final loss {final}, {summary['tokens_per_s']:.0f} "
-                       f"tokens/s, run dir {loop.run.path}")
+                       f"tokens/s, run dir {loop.run.path}; per-rank peak memory {memory['peak_bytes'] / 1e9:.2f} GB, "
+                       f"planned {(memory['predicted_bytes'] or 0) / 1e9:.2f} GB")
     return summary
 
 
@@ -228,12 +233,24 @@ def already_done(loop: Loop) -> dict:
 
 
 def train(cfg: Config) -> dict:
-    """Entry point: the phases in order; the process group is closed in `finally`."""
+    """Entry point. --train.micro_batch_size=auto: on a GPU out-of-memory error the micro-batch is lowered once (the
+    global batch unchanged) and the run starts again, resuming from its newest checkpoint if one was written."""
+    try:
+        return train_once(cfg)
+    except Exception as exc:  # noqa: BLE001 - only a CUDA out-of-memory error under micro auto is retried
+        smaller = lower_after_oom(cfg, exc, dist.world_size())
+        if smaller is None:
+            raise
+        return train_once(smaller)
+
+
+def train_once(cfg: Config) -> dict:
+    """The phases in order; the process group is closed in `finally`."""
     stop = StopSignal()  # installed first: a SIGTERM during set-up is acted on at the first step boundary
     engine = watchdog = None
     activity = Activity()  # this rank's phase and waits: the step parts and the heartbeat read it
     try:
-        cfg = for_world(cfg, dist.world_size())
+        cfg = for_world(resolve_auto_micro(cfg, dist.world_size()), dist.world_size())
         plan = make_plan(cfg)
         with instrumented(activity):
             engine = build_engine(cfg, plan, activity)

@@ -32,6 +32,7 @@ from distclm.config.tree import (
     LogConfig,
     LoraConfig,
     ModelConfig,
+    PlanConfig,
     RunConfig,
     TrainConfig,
     field_specs,
@@ -39,6 +40,6 @@ from distclm.config.tree import (
 )
 
 __all__ = ["FALSE", "PRESETS", "SECTIONS", "TRUE", "Config", "DataConfig", "EvalConfig", "GenConfig", "LogConfig", "LoraConfig",
-           "ModelConfig", "RunConfig", "TrainConfig", "apply", "base_type", "bool_fields", "build_config",
+           "ModelConfig", "PlanConfig", "RunConfig", "TrainConfig", "apply", "base_type", "bool_fields", "build_config",
            "closest_key", "coerce", "field_specs", "flatten", "help_lines", "load_yaml", "num_workers", "parse_bool",
            "split_args", "to_yaml", "validate"]

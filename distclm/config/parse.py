@@ -34,6 +34,8 @@ def coerce(key: str, value: Any, origin: str) -> Any:
     f, tp = specs[key]
     base, optional = base_type(tp)
     where = f"--{key}" if origin == "flag" else f"'{key}' in {origin}"
+    if f.metadata.get("auto") and isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"  # a field that also takes `auto` (resolved later: --train.micro_batch_size)
 
     def bad(expected: str) -> UserError:
         return UserError(f"{where}: expected {expected}, got {value!r}")
@@ -150,7 +152,8 @@ def validate(cfg: Config) -> None:
     d, t = cfg.data, cfg.train
     positive = {
         "data.block_size": d.block_size, "data.shard_blocks": d.shard_blocks,
-        "train.micro_batch_size": t.micro_batch_size, "train.grad_accum": t.grad_accum,
+        "train.micro_batch_size": 1 if t.micro_batch_size == "auto" else t.micro_batch_size,
+        "train.grad_accum": t.grad_accum,
         "eval.batch_size": cfg.eval.batch_size, "gen.max_new_tokens": cfg.gen.max_new_tokens,
         "gen.num_return_sequences": cfg.gen.num_return_sequences, "train.keep_last": t.keep_last,
         "train.max_nonfinite": t.max_nonfinite,

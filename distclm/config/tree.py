@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 
-def F(default: Any, doc: str, choices: tuple | None = None) -> Any:
-    """A config field: its default, the sentence `--help` shows, and its allowed values."""
-    return field(default=default, metadata={"doc": doc, "choices": choices})
+def F(default: Any, doc: str, choices: tuple | None = None, auto: bool = False) -> Any:
+    """A config field: its default, the sentence `--help` shows, its allowed values, whether it takes `auto`."""
+    return field(default=default, metadata={"doc": doc, "choices": choices, "auto": auto})
 
 
 @dataclass
@@ -78,7 +78,9 @@ class TrainConfig:
     deepspeed_config: Optional[str] = F(None, "A DeepSpeed JSON merged under distclm's values, then checked.")
     backend: str = F("auto", "torch.distributed backend (auto: nccl on GPU, gloo on CPU).", ("auto", "nccl", "gloo"))
     precision: str = F("auto", "auto = bf16 on GPUs that have it, else fp32.", ("auto", "fp32", "bf16", "fp16"))
-    micro_batch_size: int = F(8, "Blocks per process per forward pass.")
+    micro_batch_size: int = F(8, "Blocks per process per forward pass; auto = the largest `distclm plan` says fits "
+                                 "this device (global batch kept exact: --train.global_batch_size, else 8 x "
+                                 "grad_accum x world).", auto=True)
     grad_accum: int = F(1, "Micro-batches accumulated per optimizer step (derived when global_batch_size is set).")
     global_batch_size: Optional[int] = F(None, "Blocks per optimizer step on any world size: grad_accum = global / "
                                                "(micro_batch_size x world size); a resume may change the world size.")
@@ -158,6 +160,21 @@ class RunConfig:
 
 
 @dataclass
+class PlanConfig:
+    world: int = F(1, "Ranks to plan for (distclm plan; any number, not only what this machine has).")
+    device_memory: Optional[str] = F(None, "Memory per rank, e.g. 80GB or 141GiB (default: this machine's GPU, "
+                                           "else its RAM shared by min(world, cores) CPU ranks).")
+    device_tflops: Optional[float] = F(None, "Sustained TFLOP/s per rank (default: 40% of a known GPU's peak; "
+                                             "CPU: a measured matmul; a device named by memory only: 400).")
+    bandwidth_gbps: Optional[float] = F(None, "Collective bandwidth per rank in Gbit/s (default: 400 on GPUs, "
+                                              "40 for CPU ranks on one host).")
+    baseline: Optional[str] = F(None, "Memory of a rank before any model, e.g. 1GB (default: measured once here "
+                                      "for CPU ranks, cached in ~/.cache/distclm; 1 GiB of CUDA context on GPUs).")
+    margin: float = F(0.1, "Share of the device's memory kept free: a configuration fits under (1 - margin).")
+    output: Optional[str] = F(None, "Write the plan as JSON to this file.")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -167,6 +184,7 @@ class Config:
     gen: GenConfig = field(default_factory=GenConfig)
     log: LogConfig = field(default_factory=LogConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

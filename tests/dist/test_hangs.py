@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from distclm.watchdog import HANG_EXIT
-from tests.conftest import CKPT, TWO
+from tests.support.runs import CKPT, TWO
 from tests.support.cli import Lines, run_cli, start_cli
 from tests.support.env import child_env
 from tests.support.runs import block_ids, read_metrics

@@ -1,0 +1,98 @@
+"""This machine's numbers for the plan, measured once and cached in ~/.cache/distclm/plan-host.json.
+
+    baseline_bytes  peak resident memory of a fresh process that imported what a training rank imports
+                    (torch, transformers, accelerate, DeepSpeed, distclm) and ran one rank of distclm's
+                    Engine (ddp) around a model of two 64 x 64 layers: set-up, a step, a checkpoint; less
+                    that model's states. The part of every rank's peak that no model or batch explains.
+    baseline_zero_bytes  the same process's peak after doing it again under ZeRO-2: what DeepSpeed's own
+                    modules, groups and buffers add to a ZeRO rank
+    matmul_tflops   sustained fp32 FLOP/s of one 1024 x 1024 x 1024 matmul on this process's threads
+                    (2 * 1024^3 FLOPs per call), the CPU's "device throughput"
+
+The cache is keyed by the versions of python, torch, transformers and deepspeed and the thread count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+_PROBE = r"""
+import json, os, resource, tempfile, time, psutil
+from pathlib import Path
+import torch, transformers, accelerate, deepspeed
+import distclm.engine, distclm.train
+from distclm.config import TrainConfig
+from distclm.dist import free_port
+a = torch.randn(1024, 1024); b = torch.randn(1024, 1024); a @ b
+n, t0 = 0, time.perf_counter()
+while time.perf_counter() - t0 < 0.5:
+    a @ b; n += 1
+rate = 2 * 1024 ** 3 * n / (time.perf_counter() - t0) / 1e12
+peak = lambda: max(psutil.Process().memory_info().rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+states = 2 * 64 * 65 * 16  # the probe model's weights, gradients, DDP buckets/partitions and Adam states, at most
+
+def rank(strategy):
+    # one rank through distclm's Engine: set-up, a step, a checkpoint; -> its peak less the model's states
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(free_port()))
+    engine = distclm.engine.Engine.start(TrainConfig(strategy=strategy), 64)
+    engine.wrap(torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)), 1)
+    with engine.micro_batch(last=True):
+        engine.backward(engine.model(torch.randn(1, 64)).sum())
+    engine.optimizer_step()
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save_state(Path(tmp))
+    engine.close()
+    from accelerate.state import AcceleratorState, PartialState
+    AcceleratorState._reset_state(True); PartialState._reset_state()  # the next Engine builds its own
+    return peak() - states
+
+ddp = rank("ddp")
+print(json.dumps({"baseline_bytes": ddp, "baseline_zero_bytes": rank("zero2"), "matmul_tflops": rate}))
+"""
+
+
+def cache_path() -> Path:
+    return Path(os.environ.get("DISTCLM_CACHE", Path.home() / ".cache" / "distclm")) / "plan-host.json"
+
+
+def _key() -> list:
+    from importlib.metadata import version
+
+    def v(name: str) -> str:
+        try:
+            return version(name)
+        except Exception:  # noqa: BLE001 - not installed: part of the key all the same
+            return "none"
+
+    return [4, sys.version.split()[0], v("torch"), v("transformers"), v("deepspeed"),
+            os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))]
+
+
+def host_measurements() -> dict:
+    """{"baseline_bytes", "matmul_tflops"} of this machine, from the cache or measured now (~5 s, once)."""
+    path, key = cache_path(), _key()
+    try:
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return cached
+    except (OSError, ValueError):
+        pass
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent) + os.pathsep
+           + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, env=env, timeout=300)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"measuring this machine's process baseline failed: {proc.stderr[-2000:]}")
+    measured = {**json.loads(lines[-1]), "key": key}
+    try:
+        from distclm.atomic import atomic_write
+
+        atomic_write(path, (json.dumps(measured) + "\n").encode())
+    except OSError:  # a read-only home: measured again next time
+        pass
+    return measured
