@@ -1,4 +1,4 @@
-"""The ONE package that imports accelerate and deepspeed (trackers.py may import accelerate's tracking module).
+"""The ONE package that imports accelerate and deepspeed (trackers.py: accelerate's tracking module too).
 
     core.py        Engine: the process group, DDP or ZeRO around the model, one optimizer step, state I/O
     zero_files.py  DeepSpeed's checkpoint files offline: universal conversion, lazy fp32 weights, the op table

@@ -72,9 +72,11 @@ class Engine:
         if ds is not None:  # DeepSpeed's own comm adopts the group (zero.Init reads the world size from it)
             import deepspeed
 
-            # Its shared-memory op serves only DeepSpeed-inference all-reduces: not loading it saves ~2.5 s a start.
+            # Its shared-memory op serves only DeepSpeed-inference all-reduces: not loading it saves ~2.5 s a
+            # start.
             importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-            deepspeed.init_distributed(dist_backend=pick_backend(t), timeout=timedelta(seconds=t.dist_timeout_s))
+            timeout = timedelta(seconds=t.dist_timeout_s)
+            deepspeed.init_distributed(dist_backend=pick_backend(t), timeout=timeout)
         return cls(t, stage, ds, _accelerator(t, ds, precision) if training else None, training)
 
     # -- wrapping -----------------------------------------------------------------------------
@@ -98,7 +100,8 @@ class Engine:
             _share_fp32_partitions(self.model.optimizer)
 
     def wrap_for_inference(self, model) -> None:
-        """Forward-only: partitioned by DeepSpeed under ZeRO-3 (every forward collective), else a copy per rank."""
+        """Forward-only: partitioned by DeepSpeed under ZeRO-3 (every forward collective), else a copy per
+        rank."""
         self.module = model
         self._external_output_layer(model)
         if self.stage == 3:
@@ -106,13 +109,15 @@ class Engine:
 
             self.model, *_ = deepspeed.initialize(model=model, config=self.ds)
         else:
-            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(pick_precision(self.t, training=False))
+            precision = pick_precision(self.t, training=False)
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
             self.model = model.to(device=self.device, dtype=dtype)
         self.model.eval()
 
     def _external_output_layer(self, model) -> None:
-        """ZeRO-3 gathers a module's parameters around its forward: the fused loss uses the output layer outside it
-        (loss.py), so the model's forward gathers it too; a sparse block with separate experts, whole (moe.py)."""
+        """ZeRO-3 gathers a module's parameters around its forward: the fused loss uses the output layer
+        outside it (loss.py), so the model's forward gathers it too; a sparse block with separate experts,
+        whole (moe.py)."""
         from distclm.lora import base_model
 
         hf = base_model(model)
@@ -121,7 +126,8 @@ class Engine:
             head = hf.get_output_embeddings() if getattr(hf, "distclm_fused_loss", False) else None
             for p in [p for p in (head.weight, head.bias) if p is not None] if head is not None else []:
                 deepspeed.zero.register_external_parameter(hf, p)
-            for module in z3_leaves(model, self.t.z3_leaf_modules):  # else an expert no token of a rank reaches hangs
+            # Sparse blocks gathered whole: else an expert that no token of one rank reaches hangs the others.
+            for module in z3_leaves(model, self.t.z3_leaf_modules):
                 deepspeed.utils.set_z3_leaf_module(module, True)
 
     # -- what callers may ask ------------------------------------------------------------------
@@ -169,8 +175,8 @@ class Engine:
             self.accelerator.backward(loss)
 
     def optimizer_step(self) -> float:
-        """Clip, step, zero the gradients, step the schedule; -> the gradient norm before clipping. A non-finite
-        norm skips the update on every rank alike (the norm is of the all-reduced gradients)."""
+        """Clip, step, zero the gradients, step the schedule; -> the gradient norm before clipping. A
+        non-finite norm skips the update on every rank alike (the norm is of the all-reduced gradients)."""
         if self.ds is not None:
             # DeepSpeed's step clips, steps and zeroes; on a non-finite norm ZeRO skips the update itself and
             # reports the norm as inf.
@@ -187,7 +193,8 @@ class Engine:
         return norm
 
     def drop_optimizer_state(self) -> None:
-        """Training is over and saved: free the optimizer's moments and ZeRO's gradient partitions before the export."""
+        """Training is over and saved: free the optimizer's moments and ZeRO's gradient partitions before the
+        export."""
         opt = self.model.optimizer if self.ds is not None else self.optimizer
         getattr(opt, "optimizer", opt).state.clear()
         if getattr(opt, "grad_partitions_flat_buffer", None) is not None:
@@ -215,7 +222,8 @@ class Engine:
 
     @contextlib.contextmanager
     def gathered(self, params) -> Iterator[None]:
-        """Under ZeRO-3, `params` whole on every rank for the block (collective: every rank enters it); else nothing."""
+        """Under ZeRO-3, `params` whole on every rank for the block (collective: every rank enters it); else
+        nothing."""
         params = [p for p in params if hasattr(p, "ds_id")] if self.stage == 3 else []
         if not params:
             yield
@@ -225,7 +233,8 @@ class Engine:
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             yield
 
-    def full_state_dict(self, trainable_only: bool = False, merge=None) -> Iterator[tuple[str, torch.Tensor | None]]:
+    def full_state_dict(self, trainable_only: bool = False,
+                        merge=None) -> Iterator[tuple[str, torch.Tensor | None]]:
         """The model's state dict as (name, full CPU tensor), ONE module at a time, each tied tensor once.
 
         A generator rather than a dict, so that at no time is the whole model gathered: under ZeRO-3
@@ -248,10 +257,10 @@ class Engine:
                    and (t.requires_grad or not trainable_only)]
             own += [(n, t) for n, t in module._buffers.items() if t is not None and not trainable_only
                     and n not in module._non_persistent_buffers_set]
-            seen.update(id(t) for _, t in own)  # a tied weight (GPT-2's lm_head is its wte): once, as HF saves it
+            seen.update(id(t) for _, t in own)  # a tied weight (GPT-2's lm_head is its wte): once, as HF does
             with self.gathered([t for _, t in own]):
-                values = [(f"{prefix}.{n}" if prefix else n, t.detach().cpu().clone() if self.is_main else None)
-                          for n, t in own]
+                values = [(f"{prefix}.{n}" if prefix else n,
+                           t.detach().cpu().clone() if self.is_main else None) for n, t in own]
             yield from values
 
     @property
@@ -260,14 +269,16 @@ class Engine:
         return any(not p.requires_grad for p in self.module.parameters())
 
     def save_state(self, folder: Path) -> None:
-        """Everything but the weights' HF copy: ZeRO shards (every rank), or rank 0's optimizer.pt; the schedule."""
+        """Everything but the weights' HF copy: ZeRO shards (every rank), or rank 0's optimizer.pt; the
+        schedule."""
         if self.ds is not None:
             self.model.save_checkpoint(str(folder / "deepspeed"), tag="state", save_latest=False,
                                        exclude_frozen_parameters=self.has_frozen)
         elif self.is_main:
             torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
         if self.is_main:
-            (folder / "scheduler.json").write_text(json.dumps(self.scheduler.state_dict(), default=float) + "\n")
+            schedule = json.dumps(self.scheduler.state_dict(), default=float)
+            (folder / "scheduler.json").write_text(schedule + "\n")
 
     def load_state(self, folder: Path, universal_folder: Path | None = None) -> None:
         """Model, optimizer and schedule from a checkpoint folder (`universal_folder`: its universal copy)."""
@@ -277,7 +288,8 @@ class Engine:
                                                  load_optimizer_states=True, load_lr_scheduler_states=False,
                                                  load_module_strict=not self.has_frozen)
             if path is None:
-                raise UserError(f"cannot resume from {folder}: DeepSpeed found no loadable state under deepspeed/")
+                raise UserError(f"cannot resume from {folder}: DeepSpeed found no loadable state under "
+                                f"deepspeed/")
         else:
             self._load_plain(folder)
         self.scheduler.load_state_dict(json.loads((folder / "scheduler.json").read_text()))
@@ -287,21 +299,24 @@ class Engine:
         from safetensors.torch import load_file
 
         state = {}
-        for f in sorted((folder / "model").glob("*.safetensors")) + sorted(folder.glob("trainable.safetensors")):
+        files = sorted((folder / "model").glob("*.safetensors"))
+        for f in files + sorted(folder.glob("trainable.safetensors")):
             state.update(load_file(f))
         missing, unexpected = self.module.load_state_dict(state, strict=False)
         named = dict(self.module.named_parameters(remove_duplicate=False))
         tied = set(named) - {n for n, _ in self.module.named_parameters()}
         frozen = {n for n, p in named.items() if not p.requires_grad}  # LoRA's base: rebuilt, not saved
         if unexpected or set(missing) - tied - frozen:
+            lost = sorted(set(missing) - tied - frozen)[:3]
             raise UserError(f"cannot resume from {folder}: weights do not match the model "
-                            f"(missing {sorted(set(missing) - tied - frozen)[:3]}, unexpected {unexpected[:3]})")
+                            f"(missing {lost}, unexpected {unexpected[:3]})")
         self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
 
     def _repair_after_load(self, hyper: list[dict]) -> None:
-        """After a (universal) load: this run's per-group hyper-parameters, the schedule's lr, own step counters.
-        DeepSpeed's ZeRO-3 universal loader copies group 0's weight decay onto every group and gives every group
-        the SAME Adam `step` tensor, which AdamW then increments once per group (losses drifted ~1e-2 in 10 steps)."""
+        """After a (universal) load: this run's per-group hyper-parameters, the schedule's lr, own step
+        counters. DeepSpeed's ZeRO-3 universal loader copies group 0's weight decay onto every group and gives
+        every group the SAME Adam `step` tensor, which AdamW then increments once per group (losses drifted
+        ~1e-2 in 10 steps)."""
         groups = self.scheduler.optimizer.param_groups
         assert len(hyper) == len(groups), "the optimizer's groups changed during the load"
         for group, h, lr in zip(groups, hyper, self.scheduler.get_last_lr()):
@@ -318,8 +333,8 @@ def offline(module) -> Engine:
 
 
 def full_numel(p: torch.Tensor) -> int:
-    """A parameter's full element count: under ZeRO-3 its data is this rank's slice and DeepSpeed keeps the whole
-    size in `ds_numel`."""
+    """A parameter's full element count: under ZeRO-3 its data is this rank's slice and DeepSpeed keeps the
+    whole size in `ds_numel`."""
     return getattr(p, "ds_numel", p.numel())
 
 
@@ -345,8 +360,10 @@ def _accelerator(t, ds: dict | None, precision: str):
     from accelerate.utils import DeepSpeedPlugin
 
     if ds is not None:
-        # `accelerate launch` with a CPU config exports ACCELERATE_USE_CPU, which silently turns DeepSpeed off.
+        # `accelerate launch` with a CPU config exports ACCELERATE_USE_CPU, which silently turns DeepSpeed
+        # off.
         os.environ.pop("ACCELERATE_USE_CPU", None)
-    return Accelerator(cpu=not torch.cuda.is_available() and ds is None, gradient_accumulation_steps=t.grad_accum,
+    return Accelerator(cpu=not torch.cuda.is_available() and ds is None,
+                       gradient_accumulation_steps=t.grad_accum,
                        deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds) if ds is not None else None,
                        mixed_precision=precision, step_scheduler_with_optimizer=False)

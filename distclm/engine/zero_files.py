@@ -1,8 +1,8 @@
 """DeepSpeed's checkpoint files read or converted offline: one process, no process group, nothing wrapped.
 
-    to_universal(CKPT/deepspeed/state, CKPT/universal/state)   ZeRO shards -> a universal checkpoint (any world size)
-    zero_shards_state_dict(CKPT)                               ZeRO shards -> {name: lazy fp32 tensor} (export)
-    deepspeed_ops(cache)                                       which C++ ops this machine has or can build (doctor)
+    to_universal(CKPT/deepspeed/state, CKPT/universal/state)   shards -> universal checkpoint (any world)
+    zero_shards_state_dict(CKPT)                               shards -> {name: lazy fp32 tensor} (export)
+    deepspeed_ops(cache)                                       C++ ops this machine has or can build (doctor)
 """
 
 from __future__ import annotations
@@ -15,18 +15,20 @@ from pathlib import Path
 
 
 def to_universal(src: Path, dst: Path) -> None:
-    """ZeRO shards (one tag folder) -> a DeepSpeed universal checkpoint that any world size loads. In this process,
-    one worker (its pool would fork a process holding a process group); inject_missing_state: for stage 1/2."""
+    """ZeRO shards (one tag folder) -> a DeepSpeed universal checkpoint that any world size loads. In this
+    process, one worker (its pool would fork a process holding a process group); inject_missing_state: for
+    stage 1/2."""
     from deepspeed.checkpoint import ds_to_universal
 
-    args = Namespace(input_folder=str(src), output_folder=str(dst), num_extract_workers=1, num_merge_workers=1,
-                     keep_temp_folder=False, strict=True, inject_missing_state=True)
+    args = Namespace(input_folder=str(src), output_folder=str(dst), num_extract_workers=1,
+                     num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             ds_to_universal.main(args)
     except Exception as exc:
-        raise RuntimeError(f"DeepSpeed's ds_to_universal failed on {src}: {exc}\n{log.getvalue()[-4000:]}") from exc
+        raise RuntimeError(f"DeepSpeed's ds_to_universal failed on {src}: {exc}\n"
+                           f"{log.getvalue()[-4000:]}") from exc
 
 
 def zero_shards_state_dict(folder: Path) -> dict:
@@ -34,11 +36,13 @@ def zero_shards_state_dict(folder: Path) -> dict:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with contextlib.redirect_stdout(None):
-        return get_fp32_state_dict_from_zero_checkpoint(str(folder / "deepspeed"), tag="state", lazy_mode=True)
+        return get_fp32_state_dict_from_zero_checkpoint(str(folder / "deepspeed"), tag="state",
+                                                        lazy_mode=True)
 
 
 def deepspeed_ops(cache: str) -> tuple[str, list[tuple[str, str, str, str]]]:
-    """(accelerator, [(op, prebuilt, can JIT-build, built in `cache`)]) as DeepSpeed sees this machine (doctor)."""
+    """(accelerator, [(op, prebuilt, can JIT-build, built in `cache`)]) as DeepSpeed sees this machine
+    (doctor)."""
     try:
         from deepspeed.git_version_info import accelerator_name, installed_ops
         from deepspeed.ops.op_builder.all_ops import ALL_OPS
