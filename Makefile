@@ -48,7 +48,7 @@ image-gpu:
 # Runs the built image for real (not part of `make test`): --help, doctor, the demo, a 2-node job across two
 # containers (losses vs 2 local processes, a killed container resumed), the Kubernetes pod specs played.
 image-test: image
-	OMP_NUM_THREADS=1 python3 tests/image/image_test.py
+	bash -c 'source docker/engine.sh && pick_engine && OMP_NUM_THREADS=1 exec python3 tests/image/check_image.py'
 
 clean:
 	rm -rf data runs bench/out

@@ -35,7 +35,7 @@ STEPS, SAVE_EVERY = 12, 4
 # A tiny model on the demo's data, ZeRO-2; fixed steps so the runs are comparable step by step.
 TRAIN = ["train", "--data.dir=/shared/data/pydoc", "--model.name=gpt2-tiny", "--train.strategy=zero2",
          f"--train.max_steps={STEPS}", f"--train.save_every={SAVE_EVERY}", "--train.lr=1e-3",
-         "--train.micro_batch_size=8", "--eval.at_end=false", "--train.dist_timeout_s=120"]
+         "--train.micro_batch_size=8", "--eval.at_end=false", "--train.dist_timeout_s=120", "--log.every_steps=1"]
 # Rank 1's block reads take 0.3 s longer (tests/support/hooks, mounted): the steps are slow enough to kill
 # a container between two checkpoints. Reads only: the losses are those of the plain job.
 HOOKS = ["-v", f"{REPO}/tests/support/hooks:/hooks:ro", "-e", "PYTHONPATH=/hooks",
@@ -51,8 +51,9 @@ def check_cli(checks: Checks) -> None:
     checks.check("distclm --help", out.returncode == 0 and "usage" in out.stdout.lower(),
                  f"rc={out.returncode}, {len(out.stdout.splitlines())} lines")
     out = run_logged([engine(), "run", "--rm", IMAGE, "doctor"], timeout=300)
-    ops = [ln.split()[0] for ln in out.stdout.splitlines() if ln.strip().endswith(" yes")]
-    torch = next((ln.split()[-1] for ln in out.stdout.splitlines() if ln.strip().startswith("torch ")), "?")
+    rows = [ln.split() for ln in out.stdout.splitlines()]
+    ops = [r[0] for r in rows if len(r) == 4 and r[1] == "yes"]  # op, prebuilt, JIT-buildable, JIT cache
+    torch = next((r[1] for r in rows if len(r) > 1 and r[0] == "torch"), "?")
     checks.check("distclm doctor", out.returncode == 0 and "cpu_adam" in ops,
                  f"rc={out.returncode}, torch {torch}, ops built: {','.join(ops) or 'none'}")
 
