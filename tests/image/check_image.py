@@ -64,7 +64,7 @@ def check_demo(checks: Checks) -> None:
     out = run_logged([engine(), "run", "--rm", "-v", f"{WORK}/shared/data:/workspace/data",
                       "-v", f"{WORK}/demo-runs:/workspace/runs", IMAGE, "run", "--preset=demo"], timeout=1200)
     found = {}
-    for line in out.stdout.splitlines():
+    for line in (out.stdout + out.stderr).splitlines():
         for when in ("before", "after"):
             if line.startswith(f"== perplexity {when} training:"):
                 found[when] = float(line.split(":")[1].split()[0])
