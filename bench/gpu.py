@@ -200,7 +200,6 @@ def _liger_usable(device) -> bool:
 
 def attention(size: dict, device, peak_tflops) -> list[dict]:
     """Section 3: which SDPA kernel runs for cross and within attention (one profiled step each), tokens/s."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     rows = []

@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kube_run import check_kube  # noqa: E402
 from containers import Checks, engine, losses, run_logged, wait_for  # noqa: E402
+from kube_run import check_kube  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 WORK = REPO / ".image" / "test"
