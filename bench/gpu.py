@@ -64,7 +64,8 @@ def versions(device) -> dict:
             return None
 
     cuda = torch.cuda.is_available()
-    nccl = ".".join(map(str, torch.cuda.nccl.version())) if cuda else None
+    nccl = torch.cuda.nccl.version() if cuda else None  # a tuple (2, 21, 5); an int in old torch
+    nccl = ".".join(map(str, nccl)) if isinstance(nccl, tuple) else nccl
     name = device_name(device)
     return {"torch": torch.__version__, "cuda": torch.version.cuda, "nccl": nccl, "deepspeed": version("deepspeed"),
             "liger_kernel": version("liger-kernel"), "transformers": version("transformers"),
