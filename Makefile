@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 # DeepSpeed JIT-builds its C++ ops on first use (~1 min on 2 cores): keep them across runs.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/distclm/torch_extensions
 
-.PHONY: setup demo test test-fast test-all bench lint clean
+.PHONY: setup demo test test-fast test-all bench lint clean image image-gpu image-test
 
 setup: $(STAMP)
 
@@ -42,6 +42,20 @@ bench: setup
 # Style and import order (ruff, from the [dev] extra), and pyflakes-level errors.
 lint: setup
 	$(VENV)/bin/ruff check distclm tests bench
+
+# The CPU image with docker or podman, whichever works (podman is installed from apt when missing; a base image
+# that cannot be pulled is stood in for from Debian packages): docker/build.sh, docs/containers.md.
+image:
+	docker/build.sh cpu
+
+# The GPU variant FROM the same Python base, PyPI's CUDA torch (~2.7 GB of wheels); builds without a GPU.
+image-gpu:
+	docker/build.sh gpu
+
+# Runs the built image for real (not part of `make test`): --help, doctor, the demo, a 2-node job across two
+# containers (losses vs 2 local processes, a killed container resumed), the Kubernetes pod specs played.
+image-test: image
+	bash -c 'source docker/engine.sh && pick_engine && OMP_NUM_THREADS=1 exec python3 tests/image/check_image.py'
 
 clean:
 	rm -rf data runs bench/out

@@ -68,7 +68,7 @@ def model_arg(name: str, work: Path) -> str:
     return str(folder)
 
 
-def child_trainer(data: str, steps: int, model: str, micro: int, out: str) -> None:
+def child_trainer(data: str, steps: int, model: str, micro: int, out: str, precision: str = "fp32") -> None:
     import torch
     from hf_blocks import trainer_dataset
     from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
@@ -86,7 +86,8 @@ def child_trainer(data: str, steps: int, model: str, micro: int, out: str) -> No
     args = TrainingArguments(output_dir=str(Path(out).parent / "trainer-out"), learning_rate=2e-5,
                              weight_decay=0.01, per_device_train_batch_size=int(micro), max_steps=int(steps),
                              eval_strategy="no", save_strategy="no", report_to=[], logging_steps=10**9,
-                             dataloader_num_workers=0, use_cpu=True, seed=0, disable_tqdm=True)
+                             dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), seed=0,
+                             disable_tqdm=True, bf16=precision == "bf16")  # bf16: autocast, as distclm's
     Trainer(model=build_model(model, seed=0), args=args, train_dataset=trainer_dataset(BlockReader(data).split("train")),
             data_collator=default_data_collator, callbacks=[Clock()]).train()
     Path(out).write_text(json.dumps(times))
@@ -144,14 +145,16 @@ def run(cmd: list[str], work: Path, cap_bytes: int | None = None) -> tuple[float
     return t0, peak[0], proc.returncode == 0
 
 
-def contestant(kind: str, data: Path, model: str, micro: int, steps: int, work: Path, cap=None, extra=()):
-    """-> (times: [start, end of step 1, ...], peak RSS, finished)."""
+def contestant(kind: str, data: Path, model: str, micro: int, steps: int, work: Path, cap=None, extra=(),
+               precision: str = "fp32"):
+    """-> (times: [start, end of step 1, ...], peak RSS, finished). distclm's run stays in work/distclm-run."""
     if kind.startswith("distclm"):
         run_dir = work / "distclm-run"
         subprocess.run(["rm", "-rf", str(run_dir)], check=True)
         flags = ["train", f"--data.dir={data}", f"--model.name={model}", f"--run.dir={run_dir}",
                  f"--train.max_steps={steps}", "--train.lr=2e-5", f"--train.micro_batch_size={micro}",
                  "--log.every_steps=1", "--log.interval_s=1000", "--eval.split=none-for-bench", "--run.resume=none",
+                 f"--train.precision={precision}",
                  *(["--train.fused_loss=false"] if kind == "distclm-unfused" else []), *extra]
         patch = ABLATE.get(kind.removeprefix("distclm-"), "")
         code = f"{patch}\nimport sys; from distclm.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -162,7 +165,8 @@ def contestant(kind: str, data: Path, model: str, micro: int, steps: int, work: 
         return [t0] + [r["time"] for r in recs if r["type"] == "train"], peak, True
     out = work / f"{kind}-times.json"
     t0, peak, ok = run([sys.executable, __file__, f"--child={kind}", f"--data={data}", f"--steps={steps}",
-                        f"--model={model}", f"--micro={micro}", f"--times-out={out}"], work, cap)
+                        f"--model={model}", f"--micro={micro}", f"--times-out={out}", f"--precision={precision}"],
+                       work, cap)
     return ([t0] + json.loads(out.read_text()) if ok else None), peak, ok
 
 
@@ -229,11 +233,14 @@ def main() -> None:
     ap.add_argument("--data")
     ap.add_argument("--model")
     ap.add_argument("--times-out")
+    ap.add_argument("--precision", default="fp32", help="children only: fp32, or bf16 (bench/gpu.py)")
     args = ap.parse_args()
     if args.child:
         sys.path.insert(0, str(REPO))
-        {"trainer": child_trainer, "bare": child_bare}[args.child](args.data, args.steps, args.model, int(args.micro),
-                                                                   args.times_out)
+        if args.child == "trainer":
+            child_trainer(args.data, args.steps, args.model, int(args.micro), args.times_out, args.precision)
+        else:
+            child_bare(args.data, args.steps, args.model, int(args.micro), args.times_out)
         return
     work = OUT / "train-work"
     work.mkdir(parents=True, exist_ok=True)

@@ -80,4 +80,18 @@ if [[ "${DISTCLM_DRY_RUN:-0}" == "1" ]]; then
     echo
     exit 0
 fi
-exec "${cmd[@]}"
+# Not exec: torchrun turns a SIGTERM into exit 1 (SignalException), which restart policies read as a crash
+# (a PyTorchJob's ExitCode policy fails the job on 1). torchrun gets the signal (it stops the workers, which
+# save: --train.preempt_grace_s, under torchrun's own 30 s) and this script exits 143, the retryable code.
+terminated=0
+"${cmd[@]}" &
+child=$!
+trap 'terminated=1; kill -TERM "$child" 2>/dev/null || true' TERM
+trap 'terminated=1; kill -INT "$child" 2>/dev/null || true' INT
+rc=0
+while true; do
+    wait "$child" && rc=0 || rc=$?
+    kill -0 "$child" 2>/dev/null || break  # a trapped signal ends `wait` early: wait again for torchrun
+done
+if [[ "$terminated" == 1 ]]; then exit 143; fi
+exit "$rc"

@@ -16,7 +16,7 @@ import pytest
 from distclm.cli import parse
 
 REPO = Path(__file__).resolve().parents[2]
-DOCKERFILES = ["docker/Dockerfile", "docker/Dockerfile.cpu"]
+DOCKERFILES = ["docker/Dockerfile", "docker/Dockerfile.cpu", "docker/Dockerfile.gpu"]
 
 
 def instructions(path: Path) -> list[tuple[str, str]]:
@@ -67,6 +67,8 @@ def docker_run_examples(text: str, image_pattern: str = r"distclm:[\w.-]+") -> l
         if not line.startswith("docker run"):
             continue
         words = shlex.split(line)
+        if "--entrypoint" in words:  # another program than distclm's CLI (e.g. bench/gpu.py)
+            continue
         image = next(i for i, w in enumerate(words) if re.fullmatch(image_pattern, w))
         found.append(words[image + 1:])
     return found
@@ -136,9 +138,14 @@ def test_cuda_image_matches_torch_to_its_cuda_and_prebuilds_the_deepspeed_ops():
 
 
 def test_cpu_image_uses_the_cpu_torch_build():
+    # torch's source is a build argument (docker/build.sh: a local wheel folder where the index is unreachable);
+    # its default is PyTorch's CPU index.
     insts = instructions(REPO / "docker/Dockerfile.cpu")
+    args = dict(a.split("=", 1) for kw, a in insts if kw == "ARG" and "=" in a)
     runs = " ".join(a for kw, a in insts if kw == "RUN")
-    assert "download.pytorch.org/whl/cpu" in runs and "DS_BUILD_CPU_ADAM=1" in runs
+    assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    assert '--index-url "${TORCH_INDEX_URL}"' in runs and "${TORCH_FIND_LINKS:+" in runs
+    assert "DS_BUILD_CPU_ADAM=1" in runs
 
 
 def test_cluster_guide_docker_examples_parse():
@@ -148,3 +155,21 @@ def test_cluster_guide_docker_examples_parse():
     assert len(examples) >= 3, examples  # doctor, the demo on the CUDA image, the demo on the CPU image
     for argv in examples:
         assert parse(argv) is not None, argv
+
+
+def test_gpu_image_builds_from_the_cpu_images_base_with_pypis_cuda_torch_and_liger():
+    # No NGC: the same Python base as the CPU image; PyPI's torch is the CUDA build; liger-kernel via [gpu].
+    insts = instructions(REPO / "docker/Dockerfile.gpu")
+    cpu_base = [a for kw, a in instructions(REPO / "docker/Dockerfile.cpu") if kw == "FROM"]
+    assert [a for kw, a in insts if kw == "FROM"] == cpu_base
+    args = dict(a.split("=", 1) for kw, a in insts if kw == "ARG" and "=" in a)
+    assert args["TORCH_INDEX_URL"] == "https://pypi.org/simple"
+    pinned = re.search(r"^torch==(\S+)$", (REPO / "constraints.txt").read_text(), re.M).group(1)
+    assert args["TORCH_VERSION"] == pinned
+    runs = " ".join(a for kw, a in insts if kw == "RUN")
+    assert '".[gpu]"' in runs and "DS_BUILD_CPU_ADAM=1" in runs and "import liger_kernel" in runs
+    assert re.search(r"^liger-kernel==\S+$", (REPO / "constraints.txt").read_text(), re.M)
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(d.startswith("liger-kernel") for d in extras["gpu"])
