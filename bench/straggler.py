@@ -172,12 +172,17 @@ def main() -> None:
         a, b = statistics.median(on), statistics.median(off)
         rows.append(f"| {strategy} | {args.nproc} | {a:.4f} | {b:.4f} | {a / b:.3f} | "
                     f"{', '.join(f'({x:.3f}, {y:.3f})' for x, y in zip(on, off))} |")
+    write_table("straggler.md", f"gpt2-tiny, micro {args.micro}, {args.steps} steps (warm-up {WARMUP}), "
+                                f"{args.repeats} rounds, medians", rows)
+
+
+def write_table(name: str, header: str, rows: list[str]) -> None:
+    """Print a markdown table and keep it in bench/out/NAME under its one-line header."""
     table = "\n".join(rows)
     print(table)
     out = REPO / "bench" / "out"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "straggler.md").write_text(f"gpt2-tiny, micro {args.micro}, {args.steps} steps (warm-up {WARMUP}), "
-                                      f"{args.repeats} rounds, medians\n\n{table}\n")
+    (out / name).write_text(f"{header}\n\n{table}\n")
 
 
 def unit_table(args, data: Path, work: Path) -> None:
@@ -192,12 +197,8 @@ def unit_table(args, data: Path, work: Path) -> None:
         added = per["phases"] * c["phase"] + per["collectives"] * c["collective"] + n["s_per_step"] * c["heartbeat"]
         rows.append(f"| {strategy} | {per['phases']:.1f} | {per['collectives']:.1f} | {n['s_per_step']:.3f} | "
                     f"{added * 1e6:.0f} | {added / n['s_per_step']:.5f} |")
-    table = "\n".join(rows)
-    print(table)
-    out = REPO / "bench" / "out"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "straggler-unit.md").write_text(f"gpt2-tiny, micro {args.micro}, {args.nproc} processes, "
-                                           f"{args.steps} steps\n\n{table}\n")
+    write_table("straggler-unit.md", f"gpt2-tiny, micro {args.micro}, {args.nproc} processes, {args.steps} steps",
+                rows)
 
 
 if __name__ == "__main__":
