@@ -263,7 +263,9 @@ def install(model, enabled: bool) -> str:
         else:
             divisor = 1 if state["reduction"] == "sum" else None  # sum: the caller scales it (masked folders)
             state["nll_sum"], state["ce"] = None, ChunkedLinearCrossEntropy.apply(h, head.weight, head.bias, y, divisor)
-        return state["ce"]
+        # A copy to the model: its own terms are added in place (`loss += coef * aux_loss`), which must not reach
+        # the cross-entropy kept here.
+        return state["ce"].clone()
 
     def forward(input_ids=None, labels=None, position_ids=None, use_cache=None, reduction="mean", **kwargs):
         """`reduction`: mean over the labels (the model's own), or sum (a masked batch's caller scales it)."""

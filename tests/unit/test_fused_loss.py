@@ -103,3 +103,32 @@ def test_lora_keeps_the_output_layer_frozen():
 def test_off_means_the_models_own_loss():
     model = build_model("gpt2-tiny", 0)
     assert "model's own" in install(model, False) and not is_fused(model)
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "mixtral-tiny"])
+def test_a_masked_batch_keeps_the_models_own_terms_apart_from_its_label_sum(preset):
+    """Masked (chat) micro-batches: `nll_sum` is the labels' cross-entropy sum (scaled by accum x world / N by the
+    loop) and `extra` what the model adds itself (a router's coef x aux_loss; 0 for a dense model), fused or not;
+    gradients of nll_sum + extra match."""
+    from distclm.loss import LOSS, START, masked_objective
+
+    own = build_model(preset, 0)
+    fused = copy.deepcopy(own)
+    install(fused, True)
+    x = batch(3, b=2, t=32)
+    flags = torch.zeros_like(x, dtype=torch.uint8)
+    flags[:, 0] = START
+    flags[0, 10:20] = LOSS  # very different numbers of labels per block
+    flags[1, 25:] = LOSS
+    a, b = masked_objective(own, x, flags), masked_objective(fused, x, flags)
+    assert abs(a.nll_sum.item() - b.nll_sum.item()) < 1e-4
+    extra = float(a.extra.detach()) if torch.is_tensor(a.extra) else a.extra
+    if preset in MOE:
+        assert abs(extra - own.config.router_aux_loss_coef * a.aux_loss.item()) < 1e-5 and extra > 0
+    else:
+        assert extra == 0.0
+    assert abs(extra - float(torch.as_tensor(b.extra).detach())) < 1e-5
+    (a.nll_sum + a.extra).backward()
+    (b.nll_sum + b.extra).backward()
+    grads = [(p.grad, q.grad) for p, q in zip(own.parameters(), fused.parameters()) if p.grad is not None]
+    assert max(float((p - q).abs().max()) for p, q in grads) < 1e-5
