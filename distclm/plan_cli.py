@@ -53,7 +53,7 @@ def device_for(cfg, world: int, local_world: int | None = None, here: bool = Fal
     p = cfg.plan
     gpu = _gpu_here() if p.device_memory is None or here else None
     is_host = (p.device_memory is None or here) and gpu is None
-    probe = host_measurements() if is_host or p.baseline is None else {}
+    probe = host_measurements() if is_host else {}  # a GPU rank's baseline is an assumption (or given)
     if p.device_memory is not None:
         memory = parse_size(p.device_memory, "--plan.device_memory")
     elif gpu is not None:

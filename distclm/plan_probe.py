@@ -73,17 +73,43 @@ def _key() -> list:
             os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))]
 
 
+# What a launcher tells its ranks: the probe is one process of its own, never a member of the caller's job (it
+# would try to join the caller's rendezvous and wait there until its timeout).
+LAUNCHER_PREFIXES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_", "ROLE_", "MASTER_",
+                     "TORCHELASTIC_", "CROSS_", "NODE_RANK", "ACCELERATE_", "PET_")
+
+
 def host_measurements() -> dict:
-    """{"baseline_bytes", "matmul_tflops"} of this machine, from the cache or measured now (~5 s, once)."""
-    path, key = cache_path(), _key()
+    """{"baseline_bytes", "matmul_tflops"} of this machine, from the cache or measured now (~20 s, once).
+
+    The ranks of a launch on this machine may all ask at once: a file lock lets one measure while the others wait
+    and then read its numbers, so every rank on a host plans with the same ones."""
+    import fcntl
+
+    path = cache_path()
     try:
-        cached = json.loads(path.read_text())
-        if cached.get("key") == key:
-            return cached
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_suffix(".lock"), "w")
+    except OSError:  # a read-only home: measured by each process, not kept
+        return _cached() or _measure(path)
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _cached() or _measure(path)
+
+
+def _cached() -> dict | None:
+    try:
+        cached = json.loads(cache_path().read_text())
     except (OSError, ValueError):
-        pass
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent) + os.pathsep
-           + os.environ.get("PYTHONPATH", "")}
+        return None
+    return cached if cached.get("key") == _key() else None
+
+
+def _measure(path: Path) -> dict:
+    key = _key()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCHER_PREFIXES)}
+    env.update(CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(Path(__file__).resolve().parent.parent) + os.pathsep
+               + os.environ.get("PYTHONPATH", ""))  # the host's baseline: a CPU rank
     proc = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, env=env, timeout=300)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
