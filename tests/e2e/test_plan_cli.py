@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import yaml
 
@@ -51,6 +52,8 @@ def test_micro_auto_picks_the_largest_that_fits_and_keeps_the_global_batch(pydoc
     r = run_cli("train", *(f"--{k}={v}" for k, v in flags.items()), f"--plan.device_memory={cap}", f"--run.dir={run}",
                 "--train.max_steps=2", "--eval.max_blocks=2", check=True, timeout=300)
     assert f"micro-batch auto: {micro} (accumulation {24 // micro}, global batch 24)" in r.out
+    assert re.search(r"memory after step 2: peak [0-9.]+ GB on rank 0, planned [0-9.]+ GB per rank \([0-9.]+x\)",
+                     r.out), r.out  # the plan checked while the run goes on, not only at its end
     saved = yaml.safe_load((run / "config.yaml").read_text())["train"]
     assert saved["micro_batch_size"] == micro and saved["global_batch_size"] == 24
     memory = json.loads((run / "summary.json").read_text())["memory"]
