@@ -150,10 +150,13 @@ def make_plan(cfg: Config) -> Plan:
                 predicted_for_run(cfg, dist.world_size(), readers[0].block_size))
 
 
-def build_engine(cfg: Config, plan: Plan, activity: Activity):
+def build_engine(cfg: Config, plan: Plan, activity: Activity | None = None):
     """The process group and DeepSpeed config first, so that ZeRO-3 builds the model partitioned. `activity`
-    times the collectives (already instrumented) and, under DDP, the gradient all-reduce (a comm hook)."""
+    times the collectives (already instrumented) and, under DDP, the gradient all-reduce (a comm hook); None:
+    set-up alone (tests/support/probe_setup.py)."""
     from distclm.engine import Engine
+
+    activity = activity if activity is not None else Activity()
 
     engine = Engine.start(cfg.train, plan.shape.hidden_size, universal=plan.universal)
     model = apply_lora(build_model(cfg.model.name, cfg.train.seed, cfg.model.trust_remote_code), cfg.lora,
