@@ -97,9 +97,11 @@ def write_generation_config(gen, tokenizer, folder: Path) -> None:
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
-    GenerationConfig(do_sample=gen.do_sample, top_k=gen.top_k, top_p=gen.top_p, temperature=gen.temperature,
-                     max_new_tokens=gen.max_new_tokens, bos_token_id=bos, eos_token_id=eos,
-                     pad_token_id=pad).save_pretrained(folder)
+    # Greedy (--gen.do_sample=false) carries no sampling settings: transformers refuses to save top_p without
+    # sampling, which failed every checkpoint of such a run.
+    sampling = dict(top_k=gen.top_k, top_p=gen.top_p, temperature=gen.temperature) if gen.do_sample else {}
+    GenerationConfig(do_sample=gen.do_sample, **sampling, max_new_tokens=gen.max_new_tokens, bos_token_id=bos,
+                     eos_token_id=eos, pad_token_id=pad).save_pretrained(folder)
 
 
 def check_full_weights(config, folder: Path, expected_bytes: int) -> None:

@@ -77,3 +77,17 @@ def test_generation_config_takes_special_ids_from_the_tokenizer(tmp_path):
     g = json.loads((tmp_path / "generation_config.json").read_text())
     assert (g["eos_token_id"], g["bos_token_id"], g["pad_token_id"]) == (2, 1, 0)
     assert (g["do_sample"], g["top_k"], g["top_p"], g["max_new_tokens"]) == (True, 50, 0.95, 100)
+
+
+def test_a_greedy_run_saves_a_generation_config_without_sampling_settings(tmp_path):
+    """--gen.do_sample=false: transformers refuses to save top_p/top_k without sampling (every checkpoint failed)."""
+    from distclm.config import GenConfig
+
+    class Tok:
+        eos_token_id, bos_token_id, pad_token_id = 2, 1, 0
+
+    write_generation_config(GenConfig(do_sample=False), Tok(), tmp_path)
+    g = json.loads((tmp_path / "generation_config.json").read_text())
+    assert g["do_sample"] is False and g["max_new_tokens"] == 100
+    assert "top_p" not in g or g["top_p"] in (None, 1.0)
+
