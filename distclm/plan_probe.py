@@ -20,41 +20,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-_PROBE = r"""
-import json, os, resource, tempfile, time, psutil
-from pathlib import Path
-import torch, transformers, accelerate, deepspeed
-import distclm.engine, distclm.train
-from distclm.config import TrainConfig
-from distclm.dist import free_port
-a = torch.randn(1024, 1024); b = torch.randn(1024, 1024); a @ b
-n, t0 = 0, time.perf_counter()
-while time.perf_counter() - t0 < 0.5:
-    a @ b; n += 1
-rate = 2 * 1024 ** 3 * n / (time.perf_counter() - t0) / 1e12
-peak = lambda: max(psutil.Process().memory_info().rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-states = 2 * 64 * 65 * 16  # the probe model's weights, gradients, DDP buckets/partitions and Adam states, at most
-
-def rank(strategy):
-    # one rank through distclm's Engine: set-up, a step, a checkpoint; -> its peak less the model's states
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(free_port()))
-    engine = distclm.engine.Engine.start(TrainConfig(strategy=strategy), 64)
-    engine.wrap(torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)), 1)
-    with engine.micro_batch(last=True):
-        engine.backward(engine.model(torch.randn(1, 64)).sum())
-    engine.optimizer_step()
-    with tempfile.TemporaryDirectory() as tmp:
-        engine.save_state(Path(tmp))
-    engine.close()
-    from accelerate.state import AcceleratorState, PartialState
-    AcceleratorState._reset_state(True); PartialState._reset_state()  # the next Engine builds its own
-    return peak() - states
-
-ddp = rank("ddp")
-print(json.dumps({"baseline_bytes": ddp, "baseline_zero_bytes": rank("zero2"), "matmul_tflops": rate}))
-"""
-
 
 def cache_path() -> Path:
     return Path(os.environ.get("DISTCLM_CACHE", Path.home() / ".cache" / "distclm")) / "plan-host.json"
@@ -110,7 +75,8 @@ def _measure(path: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCHER_PREFIXES)}
     env.update(CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(Path(__file__).resolve().parent.parent) + os.pathsep
                + os.environ.get("PYTHONPATH", ""))  # the host's baseline: a CPU rank
-    proc = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "distclm.engine.probe"], capture_output=True, text=True, env=env,
+                          timeout=300)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"measuring this machine's process baseline failed: {proc.stderr[-2000:]}")

@@ -2,6 +2,7 @@
 
     core.py        Engine: the process group, DDP or ZeRO around the model, one optimizer step, state I/O
     zero_files.py  DeepSpeed's checkpoint files offline: universal conversion, lazy fp32 weights, the op table
+    probe.py       one rank's footprint on this host (`python -m distclm.engine.probe`, for distclm plan)
 """
 
 from distclm.engine.core import Engine, full_numel, offline

@@ -43,7 +43,7 @@ def test_only_the_engine_package_imports_accelerate_or_deepspeed():
     assert outside == {}
     inside = {module_name(p) for p in SOURCES if p.parent.name == "engine"
               and imported_modules(p) & {"accelerate", "deepspeed"}}
-    assert inside == {"distclm.engine.core", "distclm.engine.zero_files"}
+    assert inside == {"distclm.engine.core", "distclm.engine.probe", "distclm.engine.zero_files"}
 
 
 def internal_imports(path: Path, modules: set[str]) -> set[str]:
