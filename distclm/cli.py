@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from distclm import __version__, config
+from distclm import __version__, config, exit_code
 from distclm.errors import UserError
 
 
@@ -167,7 +167,20 @@ def command_help(command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    exit_code.started()
+    try:
+        code = run_command(sys.argv[1:] if argv is None else argv)
+    except SystemExit as exc:
+        exit_code.record(exc.code if isinstance(exc.code, int) else 1)
+        raise
+    except Exception:  # a crash keeps its traceback
+        exit_code.record(1)
+        raise
+    exit_code.record(code)  # for launchers/torchrun.sh, which passes it on instead of torchrun's 1
+    return code
+
+
+def run_command(argv: list[str]) -> int:
     try:
         inv = parse(argv)
         if inv is None:

@@ -41,6 +41,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+from distclm import exit_code
 from distclm.atomic import publish_file
 
 # EX_TEMPFAIL (sysexits.h): a temporary failure, a retry may work. Distinct from 1 (a bug, do not retry blindly),
@@ -191,6 +192,7 @@ class Watchdog:
         if mine:  # the others (a stuck-but-alive rank too) read the verdict at their next beat and dump theirs
             time.sleep(2 * self.beat_s)
         sys.stdout.flush()
+        exit_code.record(HANG_EXIT)
         os._exit(HANG_EXIT)
 
     def _unreachable(self, exc: Exception) -> None:
@@ -201,6 +203,7 @@ class Watchdog:
                 f"stacks in {self.run_dir}/hang-rank*.txt; exit {HANG_EXIT}")
         print(line, file=sys.stderr, flush=True)
         dump_stacks(self.run_dir / f"hang-rank{self.rank}.txt", line)
+        exit_code.record(HANG_EXIT)
         os._exit(HANG_EXIT)
 
 

@@ -5,15 +5,18 @@ torchrun per node, and the accelerate configs carry topology only."""
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from distclm.cli import parse
+from tests.support.env import child_env
 
 REPO = Path(__file__).resolve().parents[2]
 L = REPO / "launchers"
@@ -186,3 +189,16 @@ def test_cluster_guide_commands_parse():
 def test_every_documented_command_parses(page):
     for argv in doc_commands(REPO / page):
         assert parse(argv) is not None, (page, argv)
+
+
+def test_torchrun_script_exits_with_the_workers_cause_not_torchruns_1(tmp_path):
+    """torchrun exits 1 whatever its workers' codes; the script passes on theirs (distclm/exit_code.py): here a user
+    error (2, which a podFailurePolicy turns into FailJob), on 2 real processes and after a restart."""
+    env = {**child_env(), "NPROC_PER_NODE": "2", "MAX_RESTARTS": "1", "PYTHON": sys.executable,
+           "TMPDIR": str(tmp_path)}
+    proc = subprocess.run(["bash", str(L / "torchrun.sh"), "train", f"--data.dir={tmp_path / 'missing'}",
+                           "--model.name=gpt2-tiny", f"--run.dir={tmp_path / 'run'}"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "distclm: error:" in proc.stderr and re.search(r"exitcode\s*:\s*2", proc.stderr)  # torchrun's own summary
+    assert not list(tmp_path.glob("distclm-exit.*"))  # the script's folder of codes is gone

@@ -1,11 +1,14 @@
 """A hung rank named: stopped for good (SIGSTOP) or alive but stuck in Python, the ranks still alive name it with its
-host, phase and step, dump their stacks to RUN/hang-rank{R}.txt and exit 75; a slow step on every rank alike is no
-hang. Real gloo processes under torchrun; stopped processes are continued and killed in teardown."""
+host, phase and step, dump their stacks to RUN/hang-rank{R}.txt and exit 75 (so does launchers/torchrun.sh, where
+torchrun alone exits 1); a slow step on every rank alike is no hang. Real gloo processes under torchrun; stopped
+processes are continued and killed in teardown."""
 
 from __future__ import annotations
 
 import re
 import socket
+import subprocess
+import sys
 import time
 
 import psutil
@@ -14,7 +17,7 @@ import pytest
 from distclm.watchdog import HANG_EXIT
 from tests.support.runs import CKPT, TWO
 from tests.support.cli import Lines, run_cli, start_cli
-from tests.support.env import child_env
+from tests.support.env import REPO, child_env
 from tests.support.runs import block_ids, read_metrics
 from tests.support.stopper import kill_workers, rank_pid, release
 
@@ -22,10 +25,16 @@ HANG = re.compile(r"distclm: hang: not arrived: rank (\d+) on (\S+) \(in (.+?) a
                   r"waiting for it: 1 rank \(longest: rank (\d+), (\d+) s in (.+?) at step (\d+)\)")
 
 
-def hung_run(args, hooks: dict, timeout_s: int):
-    """torchrun with 2 processes, the hook that makes rank 1 hang -> (launcher, its lines, rank 0's process)."""
-    proc = start_cli("train", *args, f"--train.hang_timeout_s={timeout_s}", "--log.interval_s=0", nproc=2,
-                     env=child_env(hooks=hooks))
+def hung_run(args, hooks: dict, timeout_s: int, script: bool = False):
+    """torchrun with 2 processes (`script`: through launchers/torchrun.sh, no restart), the hook that makes rank 1
+    hang -> (launcher, its lines, rank 0's process)."""
+    args = [*args, f"--train.hang_timeout_s={timeout_s}", "--log.interval_s=0"]
+    if script:
+        env = child_env(hooks=hooks, NPROC_PER_NODE="2", MAX_RESTARTS="0", PYTHON=sys.executable)
+        proc = subprocess.Popen(["bash", str(REPO / "launchers" / "torchrun.sh"), "train", *map(str, args)], env=env,
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    else:
+        proc = start_cli("train", *args, nproc=2, env=child_env(hooks=hooks))
     return proc, Lines(proc), psutil.Process(rank_pid(proc.pid, 0))
 
 
@@ -75,18 +84,19 @@ def test_a_stopped_rank_is_named_with_its_host_and_phase_and_the_last_checkpoint
     assert all(block_ids(run, r)[s] == block_ids(ref, r)[s] for r in (0, 1) for s in range(11, 21))
 
 
-@pytest.mark.extended  # CI: the stopped rank above
 def test_a_rank_stuck_in_python_is_named_with_its_phase_and_its_stack_shows_the_hook(pydoc_blocks, tmp_path):
     run = tmp_path / "stuck"
     args = [f"--data.dir={pydoc_blocks}", "--model.name=gpt2-tiny", f"--run.dir={run}", "--train.max_steps=20",
             "--train.micro_batch_size=4"]
-    proc, lines, rank0 = hung_run(args, {"DISTCLM_TEST_BLOCK_AT_STEP": "1:5"}, 10)
+    proc, lines, _ = hung_run(args, {"DISTCLM_TEST_BLOCK_AT_STEP": "1:5"}, 10, script=True)
     try:
         t_last, _ = lines.wait_for(r"^step 4/20", 300)
         t_named, _ = lines.wait_for(r"distclm: hang:", 60)
-        out = finish(proc, lines, rank0)
+        code = proc.wait(timeout=90)  # both ranks alive: both exit by themselves
+        out = lines.text()
     finally:
         release(proc)
+    assert code == HANG_EXIT, out[-3000:]  # the launcher passes the workers' code on (torchrun alone exits 1)
     m = HANG.search(out)
     assert m and (m.group(1), m.group(3), m.group(4)) == ("1", "backward", "5"), out[-3000:]
     assert m.group(5).startswith("alive") and t_named - t_last < 40
@@ -97,10 +107,15 @@ def test_a_rank_stuck_in_python_is_named_with_its_phase_and_its_stack_shows_the_
 
 
 @pytest.mark.extended  # CI: the stopped rank above
-def test_a_step_slower_than_the_timeout_on_every_rank_is_no_hang(pydoc_blocks, tmp_path):
+def test_a_step_an_eval_or_a_save_slower_than_the_timeout_is_no_hang(pydoc_blocks, tmp_path):
+    """Every rank 8 s in each forward and each eval, rank 0 alone 8 s in the checkpoint save while rank 1 waits
+    for it (slow storage): a 5 s timeout, no alarm."""
     run = tmp_path / "slow-all"
+    hooks = {"DISTCLM_TEST_SLOW_FORWARD": "all:8", "DISTCLM_TEST_SLOW_EVAL": "all:8", "DISTCLM_TEST_SLOW_SAVE": "0:8"}
     r = run_cli("train", f"--data.dir={pydoc_blocks}", "--model.name=gpt2-tiny", f"--run.dir={run}",
-                "--train.max_steps=2", "--train.micro_batch_size=4", "--eval.max_blocks=4",
-                "--train.hang_timeout_s=5", nproc=2, env=child_env(hooks={"DISTCLM_TEST_SLOW_FORWARD": "all:8"}))
+                "--train.max_steps=2", "--train.micro_batch_size=4", "--eval.max_blocks=4", "--train.save_every=2",
+                "--train.hang_timeout_s=5", nproc=2, env=child_env(hooks=hooks))
     assert r.code == 0 and "hang" not in r.out + r.err, (r.out + r.err)[-3000:]
-    assert read_metrics(run)[2]["elapsed_s"] > 2 * 8 and not list(run.glob("hang-rank*.txt"))
+    assert read_metrics(run)[2]["elapsed_s"] > 2 * 8 and 2 in read_metrics(run, "eval")
+    assert (run / "checkpoints" / "step-2").is_dir()
+    assert not list(run.glob("hang-rank*.txt"))

@@ -1,9 +1,13 @@
 """Slowing or stopping one rank from outside, the way a throttled device, a noisy neighbour or a dead host does:
-SIGSTOP/SIGCONT on the rank's own pid (found among the launcher's children by its RANK)."""
+SIGSTOP/SIGCONT on the rank's own pid (found among the launcher's children by its RANK), or a busy process pinned
+to its CPU."""
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -54,6 +58,29 @@ class DutyCycle:
                 psutil.Process(self.pid).send_signal(signal.SIGCONT)
             except psutil.NoSuchProcess:
                 pass
+
+
+class NoisyNeighbour:
+    """A busy process sharing the CPU of rank `slow` (pinned together), every other rank pinned to another CPU:
+    the slow rank gets about half a core, the way a neighbour on a shared host takes it."""
+
+    def __init__(self, pids: list[int], slow: int):
+        cpus = sorted(os.sched_getaffinity(0))
+        assert len(cpus) >= 2, "a noisy neighbour needs 2 CPUs: one shared with it, one for the other ranks"
+        self.pids, self.slow, self.cpus = pids, slow, cpus
+        self.hog: subprocess.Popen | None = None
+
+    def __enter__(self) -> "NoisyNeighbour":
+        for rank, pid in enumerate(self.pids):  # threads too (gloo's, the watchdog's): every task of the process
+            for task in psutil.Process(pid).threads():
+                os.sched_setaffinity(task.id, [self.cpus[0] if rank == self.slow else self.cpus[1]])
+        self.hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        os.sched_setaffinity(self.hog.pid, [self.cpus[0]])
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.hog.kill()
+        self.hog.wait()
 
 
 def kill_workers(launcher_pid: int) -> None:

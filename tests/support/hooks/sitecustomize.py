@@ -9,6 +9,8 @@
                                          "all:0.2" on every rank
     DISTCLM_TEST_SIGSTOP_AT_STEP="1:10"  rank 1 stops itself (SIGSTOP, for good) at the start of that step
     DISTCLM_TEST_BLOCK_AT_STEP="1:10"    rank 1 blocks forever in a Python hook inside that step's backward
+    DISTCLM_TEST_SLOW_EVAL="all:8"       every evaluation takes 8 s longer on these ranks (inside its phase)
+    DISTCLM_TEST_SLOW_SAVE="0:8"         every checkpoint save takes 8 s longer on rank 0 (slow storage)
 """
 
 import os
@@ -77,3 +79,24 @@ if _nan_steps or _sigterm_at or _slow_forward or _sigstop_at or _block_at:
         threading.Event().wait()  # forever: a rank alive but stuck in Python
 
     _loop.train_step, _loop.forward_loss = train_step, forward_loss
+
+
+_slow_eval, _slow_save = _on_this_rank("DISTCLM_TEST_SLOW_EVAL"), _on_this_rank("DISTCLM_TEST_SLOW_SAVE")
+
+if _slow_eval or _slow_save:
+    import time
+
+    import distclm.evaluation as _evaluation
+    import distclm.loop as _loop
+
+    _evaluate_splits, _save_checkpoint = _evaluation.evaluate_splits, _loop.save_checkpoint
+
+    def evaluate_splits(*args, **kwargs):
+        time.sleep(float(_slow_eval or 0))
+        return _evaluate_splits(*args, **kwargs)
+
+    def save_checkpoint(*args, **kwargs):
+        time.sleep(float(_slow_save or 0))
+        return _save_checkpoint(*args, **kwargs)
+
+    _evaluation.evaluate_splits, _loop.save_checkpoint = evaluate_splits, save_checkpoint

@@ -1,0 +1,32 @@
+"""distclm/exit_code.py: the cause of a failed torchrun attempt, written once per attempt, for launchers/torchrun.sh."""
+
+from __future__ import annotations
+
+from distclm import exit_code
+
+
+def test_the_first_cause_of_an_attempt_wins_and_signals_are_no_cause(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTCLM_EXIT_DIR", str(tmp_path))
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    exit_code.started()
+    for code in (0, 143, 130):  # a peer stopped by torchrun after the failing worker: not the cause
+        exit_code.record(code)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["attempt-0"]
+    exit_code.record(75)
+    exit_code.record(1)  # later, another worker of the same attempt
+    assert (tmp_path / "attempt-0.code").read_text() == "75\n"
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # torchrun's next attempt has its own
+    exit_code.started()
+    exit_code.record(2)
+    assert (tmp_path / "attempt-1.code").read_text() == "2\n" and (tmp_path / "attempt-1").exists()
+
+
+def test_nothing_is_written_without_the_launchers_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("DISTCLM_EXIT_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    exit_code.started()
+    exit_code.record(75)
+    monkeypatch.setenv("DISTCLM_EXIT_DIR", str(tmp_path / "gone"))  # the script removed it: no error either
+    exit_code.started()
+    exit_code.record(75)
+    assert list(tmp_path.iterdir()) == []
