@@ -9,11 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.support.env import child_env
 
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # every section of bench/gpu.py on CPU: short trainings, ~50 s
 def test_gpu_kit_dry_run_writes_every_section(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py"), "--dry-run", f"--out={tmp_path}"],
                           env=child_env(), capture_output=True, text=True, timeout=300, cwd=REPO)

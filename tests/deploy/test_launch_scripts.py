@@ -191,6 +191,7 @@ def test_every_documented_command_parses(page):
         assert parse(argv) is not None, (page, argv)
 
 
+@pytest.mark.slow  # two training processes under torchrun, twice (one restart)
 def test_torchrun_script_exits_with_the_workers_cause_not_torchruns_1(tmp_path):
     """torchrun exits 1 whatever its workers' codes; the script passes on theirs (distclm/exit_code.py): here a user
     error (2, which a podFailurePolicy turns into FailJob), on 2 real processes and after a restart."""
