@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = run_command(sys.argv[1:] if argv is None else argv)
     except SystemExit as exc:
-        exit_code.record(exc.code if isinstance(exc.code, int) else 1)
+        exit_code.record(exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1)
         raise
     except Exception:  # a crash keeps its traceback
         exit_code.record(1)

@@ -30,3 +30,13 @@ def test_nothing_is_written_without_the_launchers_folder(tmp_path, monkeypatch):
     exit_code.started()
     exit_code.record(75)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_cli_writes_its_own_exit_code(tmp_path, monkeypatch, capsys):
+    from distclm.cli import main
+
+    monkeypatch.setenv("DISTCLM_EXIT_DIR", str(tmp_path))
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "3")
+    assert main(["train", "--no.such_flag=1"]) == 2  # a user error: one line, code 2
+    assert "distclm: error:" in capsys.readouterr().err
+    assert (tmp_path / "attempt-3").exists() and (tmp_path / "attempt-3.code").read_text() == "2\n"
