@@ -82,8 +82,9 @@ if [[ "${DISTCLM_DRY_RUN:-0}" == "1" ]]; then
 fi
 # torchrun exits 1 whatever its workers' codes: they write theirs under DISTCLM_EXIT_DIR (distclm/exit_code.py)
 # and this script exits with the last attempt's cause: 75 a hang (retry), 2 a user error (do not), 1 a crash.
-exit_dir="$(mktemp -d "${TMPDIR:-/tmp}/distclm-exit.XXXXXX")"
-export DISTCLM_EXIT_DIR="$exit_dir"
+# (No writable temp folder, e.g. a read-only root file system without TMPDIR: torchrun's own 1, as before.)
+exit_dir="$(mktemp -d "${TMPDIR:-/tmp}/distclm-exit.XXXXXX" 2>/dev/null)" || exit_dir=""
+if [[ -n "$exit_dir" ]]; then export DISTCLM_EXIT_DIR="$exit_dir"; fi
 # Not exec: torchrun turns a SIGTERM into exit 1 (SignalException), which restart policies read as a crash
 # (a PyTorchJob's ExitCode policy fails the job on 1). torchrun gets the signal (it stops the workers, which
 # save: --train.preempt_grace_s, under torchrun's own 30 s) and this script exits 143, the retryable code.
@@ -97,8 +98,10 @@ while true; do
     wait "$child" && rc=0 || rc=$?
     kill -0 "$child" 2>/dev/null || break  # a trapped signal ends `wait` early: wait again for torchrun
 done
-last="$(find "$exit_dir" -name 'attempt-*' ! -name '*.code' -printf '%f\n' | sort -t- -k2 -n | tail -n 1)"
-if [[ "$rc" != 0 && -n "$last" && -s "$exit_dir/$last.code" ]]; then rc="$(<"$exit_dir/$last.code")"; fi
-rm -rf "$exit_dir"
+if [[ -n "$exit_dir" ]]; then
+    last="$(find "$exit_dir" -name 'attempt-*' ! -name '*.code' -printf '%f\n' | sort -t- -k2 -n | tail -n 1)"
+    if [[ "$rc" != 0 && -n "$last" && -s "$exit_dir/$last.code" ]]; then rc="$(<"$exit_dir/$last.code")"; fi
+    rm -rf "$exit_dir"
+fi
 if [[ "$terminated" == 1 ]]; then exit 143; fi
 exit "$rc"
