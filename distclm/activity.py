@@ -117,8 +117,7 @@ class Activity:
         finally:
             self._depth -= 1
             self.now = outer
-            if self.part is not None and self.times is not None:
-                self.times.wait(self.part, a, self.clock.mark())
+            self._count_wait(a)
 
     def open_wait(self, name: str) -> None:
         """From now until the enclosing phase ends, this rank only waits (DDP: its last bucket is launched)."""
@@ -130,8 +129,12 @@ class Activity:
         if self._open is not None:
             (a, outer), self._open = self._open, None
             self.now = outer
-            if self.part is not None and self.times is not None:
-                self.times.wait(self.part, a, self.clock.mark())
+            self._count_wait(a)
+
+    def _count_wait(self, a) -> None:
+        """Blocked from mark `a` until now: counted to the current step part (none outside the step)."""
+        if self.part is not None and self.times is not None:
+            self.times.wait(self.part, a, self.clock.mark())
 
 
 class TimedWork:

@@ -35,7 +35,7 @@ from distclm.console import TrainConsole
 from distclm.data.supervision import global_labels
 from distclm.loss import masked_objective, objective
 from distclm.metrics import MetricsFile, ThroughputMeter, memory_bytes
-from distclm.plan_cli import measured_peak_bytes
+from distclm.plan_cli import gb, measured_peak_bytes
 from distclm.rundir import RunDir
 from distclm.straggler import SlowRankWatch, StepTimes, summary
 from distclm.trackers import Trackers
@@ -207,8 +207,8 @@ def log_step(loop: Loop, done: int, loss: float, lr: float, grad_norm: float, t0
     if done == min(loop.start_step + 2, loop.plan.total_steps) and loop.plan.predicted_bytes:
         # Two steps in, the optimizer's states exist: the plan against this rank's peak so far (no collective).
         peak = measured_peak_bytes(loop.engine.device)
-        loop.console.print(f"memory after step {done}: peak {peak / 1e9:.2f} GB on rank 0, planned "
-                           f"{loop.plan.predicted_bytes / 1e9:.2f} GB per rank ({peak / loop.plan.predicted_bytes:.2f}x)")
+        loop.console.print(f"memory after step {done}: peak {gb(peak)} on rank 0, planned "
+                           f"{gb(loop.plan.predicted_bytes)} per rank ({peak / loop.plan.predicted_bytes:.2f}x)")
     eta = elapsed / (done - loop.start_step) * (loop.plan.total_steps - done)
     loop.console.update({**record, "loss": loss, "grad_norm": grad_norm, "eta_s": eta,
                          "samples_per_s": tps / loop.plan.block_size if tps else None},

@@ -52,10 +52,6 @@ class StepTimes:
     pending: list = field(default_factory=list)  # (sums, part, a, b) of a lazy clock
     steps: int = 0
 
-    def add(self, **seconds: float) -> None:
-        for part, s in seconds.items():
-            self.walls[part] += s
-
     def span(self, part: str, a, b) -> None:
         """Part `part` ran from mark a to mark b."""
         self._put(self.walls, part, a, b)

@@ -43,7 +43,7 @@ from distclm.model import (
     parameter_counts,
 )
 from distclm.moe import RouterStats, inactive_parameters, sparse_blocks, top_k
-from distclm.plan_cli import lower_after_oom, memory_summary, predicted_for_run, resolve_auto_micro
+from distclm.plan_cli import gb, lower_after_oom, memory_summary, predicted_for_run, resolve_auto_micro
 from distclm.rundir import RunDir, claim_run_dir, open_data
 from distclm.straggler import SlowRankWatch
 from distclm.trackers import Trackers, parse_names
@@ -170,7 +170,8 @@ def build_engine(cfg: Config, plan: Plan, activity: Activity | None = None):
 
 def build_loop(cfg: Config, plan: Plan, engine, run: RunDir, activity: Activity) -> Loop:
     module, shape = engine.module, plan.shape
-    k, inactive = top_k(module.config), inactive_parameters(module, top_k(module.config))
+    k = top_k(module.config)
+    inactive = inactive_parameters(module, k)
     # FLOPs per token from the model's own shape and its ACTIVE parameters (the formulas: metrics.py, moe.py)
     fpt = flops_per_token(matmul_parameters(module) - inactive, shape.num_layers, shape.num_heads * shape.head_dim,
                           plan.block_size)
@@ -222,8 +223,8 @@ def finish(loop: Loop, summary: dict) -> dict:
         plot_curves(loop.run.metrics, loop.run.path / "curves.png")
     final = "n/a (nothing left to train)" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
     loop.console.print(f"done: {summary['steps']} steps, final loss {final}, {summary['tokens_per_s']:.0f} "
-                       f"tokens/s, run dir {loop.run.path}; per-rank peak memory {memory['peak_bytes'] / 1e9:.2f} GB, "
-                       f"planned {(memory['predicted_bytes'] or 0) / 1e9:.2f} GB")
+                       f"tokens/s, run dir {loop.run.path}; per-rank peak memory {gb(memory['peak_bytes'])}, "
+                       f"planned {gb(memory['predicted_bytes'] or 0)}")
     return summary
 
 

@@ -107,6 +107,14 @@ def dump_stacks(path: Path, header: str) -> None:
     publish_file(tmp, path)
 
 
+def hang_exit() -> None:
+    """End this process now with HANG_EXIT (the training thread may be stuck in a collective: no unwinding), the
+    code written first for launchers/torchrun.sh."""
+    sys.stdout.flush()
+    exit_code.record(HANG_EXIT)
+    os._exit(HANG_EXIT)
+
+
 def connect(timeout_s: float):
     """A client of the rendezvous store (not the process group's connection), keys of this restart round only."""
     import torch.distributed as td
@@ -191,9 +199,7 @@ class Watchdog:
                     f"in {phase} for {time.monotonic() - since:.0f} s\n{line}")
         if mine:  # the others (a stuck-but-alive rank too) read the verdict at their next beat and dump theirs
             time.sleep(2 * self.beat_s)
-        sys.stdout.flush()
-        exit_code.record(HANG_EXIT)
-        os._exit(HANG_EXIT)
+        hang_exit()
 
     def _unreachable(self, exc: Exception) -> None:
         phase, since = self.activity.now
@@ -203,8 +209,7 @@ class Watchdog:
                 f"stacks in {self.run_dir}/hang-rank*.txt; exit {HANG_EXIT}")
         print(line, file=sys.stderr, flush=True)
         dump_stacks(self.run_dir / f"hang-rank{self.rank}.txt", line)
-        exit_code.record(HANG_EXIT)
-        os._exit(HANG_EXIT)
+        hang_exit()
 
 
 def start_watchdog(activity, run_dir: Path, timeout: float) -> Watchdog | None:
