@@ -13,10 +13,11 @@ Every config field is a flag `--section.key=value` (or `--section.key value`); `
 from __future__ import annotations
 
 import sys
+import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
-from distclm import __version__, config, exit_code
+from distclm import __version__, config, dist, exit_code
 from distclm.errors import UserError
 
 
@@ -180,6 +181,21 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def entry() -> None:
+    """The `distclm` command and `python -m distclm.cli`: main(), then dist.end_process, which ends a process
+    that formed a process group without the interpreter's teardown. The tests call main() in-process instead."""
+    try:
+        code = main()
+    except SystemExit as exc:  # main's own sys.exit, argparse's: the same code a plain exit would give
+        code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+    except Exception:  # a crash: its traceback, as Python would print it, and 1
+        traceback.print_exc()
+        code = 1
+    dist.end_process(code)
+
+
 def run_command(argv: list[str]) -> int:
     try:
         inv = parse(argv)
@@ -200,4 +216,4 @@ def run_command(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -14,7 +14,7 @@ import socket
 import sys
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, NoReturn
 
 from distclm.errors import UserError, first_line
 
@@ -95,6 +95,37 @@ def all_gather_object(obj) -> list:
     return out
 
 
+# Set once this process sets out to form a process group: end_process then skips the interpreter's teardown.
+_formed = False
+EXIT_GRACE_S = 60.0  # for the waiting end_process still does (threads, atexit handlers)
+
+
+def end_process(code: int) -> NoReturn:
+    """How a `distclm` process ends (cli.entry). One that formed a process group does what a normal exit does
+    first (waits for its non-daemon threads, runs the atexit handlers, flushes stdout and stderr), then leaves with
+    os._exit and skips the interpreter's teardown: there torch's C++ threads race the interpreter for the GIL
+    (pytorch/pytorch#190489), a rare abort or a rank that has printed its last line and never exits, so a pod is
+    never restarted. Should that waiting outlast EXIT_GRACE_S, faulthandler prints every thread's stack and exits 1.
+    Without a group this is sys.exit."""
+    if not _formed:
+        sys.exit(code)
+    import atexit
+    import faulthandler
+    import threading
+
+    faulthandler.dump_traceback_later(EXIT_GRACE_S, exit=True)
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that left, a closed stream: nothing more can be said there
+            pass
+    os._exit(code)
+
+
 def destroy() -> None:
     """barrier + destroy_process_group before exit: avoids a rare abort at interpreter shutdown."""
     td = _pg()
@@ -172,6 +203,7 @@ def form_process_group(t, store=None, needed: bool = False) -> None:
     already holds (doctor's check-in store). A rendezvous or backend that cannot be reached within
     --train.dist_timeout_s becomes one line naming MASTER_ADDR:MASTER_PORT.
     """
+    global _formed
     import torch
     import torch.distributed as td
 
@@ -181,6 +213,7 @@ def form_process_group(t, store=None, needed: bool = False) -> None:
     backend, timeout = pick_backend(t), timedelta(seconds=t.dist_timeout_s)
     if backend == "nccl":
         torch.cuda.set_device(local_rank())
+    _formed = True  # from here on, even if the rendezvous fails: its threads may be left behind
     with explain_init_errors(t.dist_timeout_s):
         if store is None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
             agent = td.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size(),

@@ -40,3 +40,25 @@ def test_the_cli_writes_its_own_exit_code(tmp_path, monkeypatch, capsys):
     assert main(["train", "--no.such_flag=1"]) == 2  # a user error: one line, code 2
     assert "distclm: error:" in capsys.readouterr().err
     assert (tmp_path / "attempt-3").exists() and (tmp_path / "attempt-3.code").read_text() == "2\n"
+
+
+def test_the_entry_point_exits_with_mains_code_a_crash_1_and_a_message_1(monkeypatch, capsys):
+    """cli.entry (the `distclm` script, `python -m distclm.cli`) as a plain exit where no process group formed
+    (the ranks that formed one: tests/dist/test_process_exit.py)."""
+    import pytest
+
+    from distclm import cli
+
+    def crash():
+        raise ValueError("boom")
+
+    def message():
+        raise SystemExit("distclm: bad")
+
+    for main, code in ((lambda: 2, 2), (lambda: 0, 0), (crash, 1), (message, 1), (lambda: cli.sys.exit(), 0)):
+        monkeypatch.setattr(cli, "main", main)
+        with pytest.raises(SystemExit) as exc:
+            cli.entry()
+        assert exc.value.code == code
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ValueError: boom" in err and "distclm: bad" in err
