@@ -1,62 +1,22 @@
 """Start-up checks on real processes: an unreachable rendezvous is one line naming host:port and timeout
 (not a hang); a run dir that is not shared fails fast naming the node; `doctor` names the rank and host
-whose all-reduce fails. Ranks are given by hand here, the way a launcher gives them (RANK, GROUP_RANK, ...),
-so that each process can be started in its own conditions (another mount of the run dir, a bad interface)."""
+whose all-reduce fails. Ranks are given by hand (tests/support/ranks.py), each in its own conditions."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from tests.support.cli import free_port
-from tests.support.env import REPO, child_env
+from tests.support.env import REPO
+from tests.support.ranks import as_host, can_unshare, rank_env, run_ranks
 
 pytestmark = pytest.mark.slow
 DISTCLM = [sys.executable, "-m", "distclm.cli"]
-
-
-def can_unshare() -> str | None:
-    if shutil.which("unshare") is None:
-        return "the `unshare` command (util-linux) is not installed"
-    probe = subprocess.run(["unshare", "--mount", "--uts", "true"], capture_output=True, text=True)
-    return None if probe.returncode == 0 else f"`unshare --mount --uts` is not permitted here: {probe.stderr.strip()}"
-
-
-def rank_env(rank: int, world: int, port: int, **extra: str) -> dict:
-    """What a launcher gives each process: one process per node here, node rank = rank."""
-    env = child_env()
-    env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", GROUP_RANK=str(rank),
-               GROUP_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **extra)
-    return env
-
-
-def as_host(hostname: str, cmd: list[str], hide: Path | None = None) -> list[str]:
-    """cmd under its own hostname; with `hide`, that folder is an empty private tmpfs for it (a node-local disk)."""
-    script = 'hostname "$0" && exec "$@"'
-    if hide is not None:
-        script = f'mount -t tmpfs tmpfs "{hide}" && {script}'
-    return ["unshare", "--mount", "--uts", "sh", "-c", script, hostname, *cmd]
-
-
-def run_ranks(cmds: list[list[str]], envs: list[dict], timeout: float = 120) -> list[subprocess.CompletedProcess]:
-    procs = [subprocess.Popen(c, env=e, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for c, e in zip(cmds, envs)]
-    out = []
-    for p in procs:
-        try:
-            stdout, stderr = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
-    return out
 
 
 def test_unreachable_rendezvous_is_one_line_naming_host_port_and_timeout(blocks, tmp_path):

@@ -21,12 +21,13 @@ def offline() -> None:
 
 def child_env(hooks: dict[str, str] | None = None, **extra: str) -> dict:
     """This process's environment for a child: this checkout importable, one thread per process, the DeepSpeed
-    op cache shared, no launcher variables of our own. `hooks`: DISTCLM_TEST_* settings of hooks/sitecustomize.py
-    (fault injection), which the child then loads at start-up."""
+    op cache shared, no launcher variables of our own, stacks printed on a fatal signal. `hooks`: DISTCLM_TEST_*
+    settings of hooks/sitecustomize.py (fault injection), which the child then loads at start-up."""
     env = dict(os.environ)
     for key in LAUNCHER_VARS:
         env.pop(key, None)
     env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("PYTHONFAULTHANDLER", "1")  # a fatal signal (SIGABRT from a test that gave up) prints stacks
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "distclm" / "torch_extensions"))
     path = [str(REPO)]
     if hooks:

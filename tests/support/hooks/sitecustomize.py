@@ -11,6 +11,8 @@
     DISTCLM_TEST_BLOCK_AT_STEP="1:10"    rank 1 blocks forever in a Python hook inside that step's backward
     DISTCLM_TEST_SLOW_EVAL="all:8"       every evaluation takes 8 s longer on these ranks (inside its phase)
     DISTCLM_TEST_SLOW_SAVE="0:8"         every checkpoint save takes 8 s longer on rank 0 (slow storage)
+    DISTCLM_TEST_TEARDOWN_HANG="PATH"    the interpreter's teardown never ends (an object freed with this module
+                                         sleeps in __del__); an atexit handler writes "atexit ran" to PATH first
 """
 
 import os
@@ -19,6 +21,21 @@ import signal
 _nan_steps = {int(s) for s in os.environ.get("DISTCLM_TEST_NAN_STEPS", "").split(",") if s.strip()}
 _sigterm_at = int(os.environ.get("DISTCLM_TEST_SIGTERM_AT_STEP", "0"))
 _slow_rank, _, _slow_s = os.environ.get("DISTCLM_TEST_SLOW_READS", "").partition(":")
+
+if _teardown := os.environ.get("DISTCLM_TEST_TEARDOWN_HANG"):
+    import atexit
+    import time
+
+    class _HangsWhenFreed:
+        def __del__(self, sleep=time.sleep):  # bound now: the time module may be gone when this runs
+            sleep(3600)
+
+    def _atexit_ran():
+        with open(_teardown, "w") as f:
+            f.write("atexit ran\n")
+
+    _hangs = _HangsWhenFreed()
+    atexit.register(_atexit_ran)
 
 if os.environ.get("DISTCLM_TEST_TOY_MOE") == "1":
     from tests.support.toy_moe import register
