@@ -188,7 +188,7 @@ def entry() -> None:
         code = main()
     except SystemExit as exc:  # main's own sys.exit, argparse's: the same code a plain exit would give
         code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
-        if isinstance(exc.code, str):
+        if code == 1 and not isinstance(exc.code, int):  # sys.exit("message"): printed, as Python does
             print(exc.code, file=sys.stderr)
     except Exception:  # a crash: its traceback, as Python would print it, and 1
         traceback.print_exc()
