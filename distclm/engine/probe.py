@@ -22,7 +22,7 @@ import transformers  # noqa: F401
 
 import distclm.train  # noqa: F401
 from distclm.config import TrainConfig
-from distclm.dist import free_port
+from distclm.dist import end_process, free_port
 from distclm.engine.core import Engine
 
 STATES = 2 * 64 * 65 * 16  # the probe model's weights, gradients, DDP buckets/partitions and Adam states, at most
@@ -66,3 +66,4 @@ if __name__ == "__main__":
     rate = matmul_tflops()
     ddp = rank("ddp")
     print(json.dumps({"baseline_bytes": ddp, "baseline_zero_bytes": rank("zero2"), "matmul_tflops": rate}))
+    end_process(0)  # it formed process groups: ended like a rank (dist.end_process), its caller waits on it
