@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = run_command(sys.argv[1:] if argv is None else argv)
     except SystemExit as exc:
-        exit_code.record(exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1)
+        exit_code.record(status(exc))
         raise
     except Exception:  # a crash keeps its traceback
         exit_code.record(1)
@@ -181,13 +181,18 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def status(exc: SystemExit) -> int:
+    """The exit status Python gives a SystemExit: its int, 0 for None, 1 for anything else (which it prints)."""
+    return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+
+
 def entry() -> None:
     """The `distclm` command and `python -m distclm.cli`: main(), then dist.end_process, which ends a process
     that formed a process group without the interpreter's teardown. The tests call main() in-process instead."""
     try:
         code = main()
     except SystemExit as exc:  # main's own sys.exit, argparse's: the same code a plain exit would give
-        code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+        code = status(exc)
         if code == 1 and not isinstance(exc.code, int):  # sys.exit("message"): printed, as Python does
             print(exc.code, file=sys.stderr)
     except Exception:  # a crash: its traceback, as Python would print it, and 1
