@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from distclm.errors import UserError
 
 
 def fsync_dir(path: Path) -> None:
@@ -90,3 +93,29 @@ def atomic_dir(final: Path, marker: str | None = None, marker_text: str = "") ->
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     publish_dir(tmp, final, marker, marker_text)
+
+
+def check_writable(path: str | Path, flag: str, kind: str = "folder", beside: bool = False) -> None:
+    """Refuse an output path distclm could not write, before the work that would produce it (UserError, one line
+    naming `flag`, the path and what is wrong). `kind`: what the output is ("folder" or "file"); `beside`: it is
+    published from a temporary sibling (atomic_write's `.tmp`, atomic_dir's `.tmp-` folder), so its parent is what
+    must take writes, else (a run dir, a data folder) it is written inside.
+
+    The nearest existing ancestor must be a folder (not `FILE/x`) that takes a real probe file: `os.access` says yes
+    to root on a folder made immutable (`chattr +i`), and a probe is the one answer every file system gives alike.
+    Nothing is left but a missing folder still missing: the work itself makes it later."""
+    target = Path(path).absolute()
+    if target.exists() and target.is_dir() != (kind == "folder"):
+        raise UserError(f"{flag}={path}: {target} is {'a folder' if target.is_dir() else 'a file'}, not a {kind}")
+    where = target.parent if beside else target
+    while not where.exists():
+        where = where.parent
+    if not where.is_dir():
+        raise UserError(f"{flag}={path}: {where} is a file, not a folder, so nothing can be written under it")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".distclm-write-probe-", dir=where)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"{flag}={path}: cannot write in {where} ({exc.strerror or exc}); choose a writable "
+                        f"{flag}") from None

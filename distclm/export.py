@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from distclm import dist
-from distclm.atomic import atomic_dir, fresh_dir, publish_dir
+from distclm.atomic import atomic_dir, check_writable, fresh_dir, publish_dir
 from distclm.checkpoint import complete_checkpoints
 from distclm.errors import UserError
 from distclm.hf_folder import check_full_weights, lazy_shard_tensors, write_weights
@@ -107,6 +107,8 @@ def export_command(inv) -> int:
         raise UserError("export needs a run dir: distclm export RUN [--out DIR]")
     if not Path(run_dir).is_dir():
         raise UserError(f"export: {run_dir}: no such run dir")
-    out = export_run(Path(run_dir), inv.extras.get("out"))
+    out = inv.extras.get("out") or str(Path(run_dir) / "export")
+    check_writable(out, "--out", beside=True)
+    out = export_run(Path(run_dir), out)
     print(f"exported {run_dir} -> {out} (load it with transformers.pipeline('text-generation', model='{out}'))")
     return 0

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from distclm import config as config_mod
+from distclm.atomic import check_writable
 from distclm.errors import UserError
 
 
@@ -77,12 +78,12 @@ def perplexity_of(model_name: str, cfg, seed: int = 0) -> dict:
     """One-process eval of a model on the validation split (`seed`: the init of a preset model)."""
     from distclm.data.blocks import BlockReader
     from distclm.dist import device
-    from distclm.evaluation import evaluate
+    from distclm.evaluation import eval_blocks, evaluate
     from distclm.model import build_model
 
-    model = build_model(model_name, seed, cfg.model.trust_remote_code)
     reader = BlockReader(cfg.data.dir)
-    return evaluate(model, reader.split(cfg.eval.split), cfg.eval.batch_size, device())
+    blocks = eval_blocks(reader, cfg.eval.split)  # before the model: no validation blocks is refused, not nan
+    return evaluate(build_model(model_name, seed, cfg.model.trust_remote_code), blocks, cfg.eval.batch_size, device())
 
 
 def run_command(inv) -> int:
@@ -93,6 +94,7 @@ def run_command(inv) -> int:
     from distclm.rundir import default_run_dir
 
     check_reachable(cfg)
+    check_writable(cfg.run.dir or "runs", "--run.dir")  # before prepare: data.dir is checked by prepare itself
     quiet_loading()
     say = print
     say(f"== prepare {cfg.data.source} -> {cfg.data.dir}")

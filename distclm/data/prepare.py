@@ -28,7 +28,7 @@ from typing import Iterator
 import numpy as np
 
 from distclm import __version__
-from distclm.atomic import atomic_write
+from distclm.atomic import atomic_write, check_writable
 from distclm.config import Config, num_workers, to_yaml
 from distclm.data import sources
 from distclm.data.blocks import FORMAT, MANIFEST, VERSION, SplitWriter, dump_json, read_manifest
@@ -227,6 +227,8 @@ def prepare(cfg: Config, progress=None) -> Prepared:
     for _, spec in source_specs(cfg):  # fail on a missing file before loading the tokenizer
         if sources.is_local_source(spec.source):
             sources.local_files(spec.source)
+    if cfg.run.overwrite or not (out / MANIFEST).exists():  # a complete folder is reused as it is (read-only too)
+        check_writable(out, "--data.dir")
     tok = load_tokenizer(d.tokenizer, num_threads=1)
     if tok.max_length is not None and d.block_size > tok.max_length:
         raise UserError(f"--data.block_size={d.block_size} exceeds the tokenizer's maximum length {tok.max_length}")
