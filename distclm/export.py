@@ -10,7 +10,10 @@ rebuilt from --model.name and the adapter merged into it.
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from distclm import dist
@@ -34,12 +37,13 @@ def export_run(run_dir: Path, out: Path | None = None, engine=None) -> Path:
     ckpt, out = found[-1], Path(out) if out else Path(run_dir) / "export"
     if any((ckpt / "model").glob("*.safetensors")):
         if dist.is_rank0():
-            with atomic_dir(out) as tmp:
+            with disk_space(out, ckpt / "model"), atomic_dir(out) as tmp:
                 shutil.copytree(ckpt / "model", tmp, dirs_exist_ok=True)
         dist.barrier()
         return out
     if engine is None:
-        return _export_offline(ckpt, out)
+        with disk_space(out, ckpt / "model"):
+            return _export_offline(ckpt, out)
     tmp = out.with_name(f".tmp-{out.name}")
     if engine.is_main:
         fresh_dir(tmp)
@@ -49,6 +53,41 @@ def export_run(run_dir: Path, out: Path | None = None, engine=None) -> Path:
         publish_dir(tmp, out)
     engine.barrier()
     return out
+
+
+@contextmanager
+def disk_space(out: Path, source: Path):
+    """The export's room: refused up front when the disk holds less than the `source` folder's bytes (the copy's
+    need; ZeRO shards and LoRA merges need more), and a disk that fills while it is written (atomic_dir has removed
+    the partial copy by then) is one line too, naming the folder and the space needed, not shutil.Error's list."""
+    need = sum(p.stat().st_size for p in source.rglob("*") if p.is_file())
+    where = next(p for p in (out, *out.absolute().parents) if p.exists())
+    free = free_bytes(where)
+    if free < need:
+        raise UserError(f"export to {out}: needs {mb(need)} and {where} has {mb(free)} free; free some space or "
+                        f"choose another --out")
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - only a full disk becomes a user error; the rest is re-raised
+        if not _no_space(exc):
+            raise
+        raise UserError(f"export to {out}: the disk filled while writing it (it needs at least {mb(need)}; {mb(free)} "
+                        f"were free in {where}); nothing was kept; free some space or choose another --out") from None
+
+
+def mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def _no_space(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT: an OSError, one of shutil.copytree's (src, dst, why) failures, or safetensors' own error."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(os.strerror(e) in str(exc) for e in (errno.ENOSPC, errno.EDQUOT))
 
 
 def _write_model(engine, folder: Path) -> None:
