@@ -101,8 +101,9 @@ def check_writable(path: str | Path, flag: str, kind: str = "folder", beside: bo
     published from a temporary sibling (atomic_write's `.tmp`, atomic_dir's `.tmp-` folder), so its parent is what
     must take writes, else (a run dir, a data folder) it is written inside.
 
-    The nearest existing ancestor must be a folder (not `FILE/x`) that takes a real probe file: `os.access` says yes
-    to root on a folder made immutable (`chattr +i`), and a probe is the one answer every file system gives alike.
+    The nearest existing ancestor must be a folder (not `FILE/x`) that takes a real probe file: `os.access` answers
+    from local permission bits, which root passes (a root-squashed NFS share, a server-side read-only export or a
+    full quota refuse only the real write), and a probe is the one answer every file system gives alike.
     Nothing is left but a missing folder still missing: the work itself makes it later."""
     target = Path(path).absolute()
     if target.exists() and target.is_dir() != (kind == "folder"):
