@@ -18,6 +18,7 @@ and settings give the same text as a direct `model.generate` call.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 
@@ -47,7 +48,7 @@ def read_prompts(prompt: str | None, prompt_file: str | None) -> list[str]:
 def read_text_lines(path: str, flag: str) -> list[str]:
     """A text file's lines; a missing, unreadable or binary file (not UTF-8, or NUL bytes) is one line naming it."""
     try:
-        data = open(path, "rb").read()
+        data = Path(path).read_bytes()
     except FileNotFoundError:
         raise UserError(f"{flag}={path}: no such file") from None
     except OSError as exc:
