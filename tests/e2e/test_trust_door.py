@@ -211,10 +211,10 @@ OUTPUTS = {  # name -> (flag, argv for an output at OUT)
 @pytest.mark.parametrize("name", list(OUTPUTS))
 def test_an_output_that_cannot_be_written_is_refused_first(cli, request, pydoc_blocks, tmp_path, name, how):
     flag, argv = OUTPUTS[name]
-    run = (lambda: request.getfixturevalue("trained_run"))
     with read_only_place(tmp_path, how) as place:
         out = place / "out"
-        args = argv(out, pydoc_blocks, run)  # the run is trained (if needed) before the snapshot
+        # export's run is trained (only when asked, once per module) before the snapshot
+        args = argv(out, pydoc_blocks, lambda: request.getfixturevalue("trained_run"))
         before = snapshot(tmp_path, pydoc_blocks)
         r = cli(*args)
         line = r.error_line()
