@@ -12,6 +12,7 @@ result. Nothing here imports torch.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -120,3 +121,25 @@ def check_writable(path: str | Path, flag: str, kind: str = "folder", beside: bo
     except OSError as exc:
         raise UserError(f"{flag}={path}: cannot write in {where} ({exc.strerror or exc}); choose a writable "
                         f"{flag}") from None
+
+
+def disk_full(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT: an OSError, one of shutil.copytree's (src, dst, why) failures, or a library's own error that
+    quotes the system's message (safetensors)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(os.strerror(e) in str(exc) for e in (errno.ENOSPC, errno.EDQUOT))
+
+
+@contextmanager
+def disk_full_is_one_line(what: str, folder: str | Path, then: str) -> Iterator[None]:
+    """A disk that fills inside the block -> UserError naming `what` (the flag and path), the folder and its free
+    space, then `then` (what was kept, what to do). Any other error passes unchanged."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - only a full disk becomes a user error; the rest is re-raised
+        if not disk_full(exc):
+            raise
+        where = next(p for p in (Path(folder), *Path(folder).absolute().parents) if p.exists())
+        raise UserError(f"{what}: the disk is full ({os.strerror(errno.ENOSPC).lower()} in {where}, "
+                        f"{shutil.disk_usage(where).free / 1e6:,.1f} MB free); {then}") from None

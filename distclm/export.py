@@ -10,14 +10,12 @@ rebuilt from --model.name and the adapter merged into it.
 
 from __future__ import annotations
 
-import errno
-import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
 from distclm import dist
-from distclm.atomic import atomic_dir, check_writable, fresh_dir, publish_dir
+from distclm.atomic import atomic_dir, check_writable, disk_full_is_one_line, fresh_dir, publish_dir
 from distclm.checkpoint import complete_checkpoints
 from distclm.errors import UserError
 from distclm.hf_folder import check_full_weights, lazy_shard_tensors, write_weights
@@ -66,13 +64,9 @@ def disk_space(out: Path, source: Path):
     if free < need:
         raise UserError(f"export to {out}: needs {mb(need)} and {where} has {mb(free)} free; free some space or "
                         f"choose another --out")
-    try:
+    with disk_full_is_one_line(f"export to {out}", where, f"it needs at least {mb(need)}; nothing was kept; free "
+                                                          f"some space or choose another --out"):
         yield
-    except Exception as exc:  # noqa: BLE001 - only a full disk becomes a user error; the rest is re-raised
-        if not _no_space(exc):
-            raise
-        raise UserError(f"export to {out}: the disk filled while writing it (it needs at least {mb(need)}; {mb(free)} "
-                        f"were free in {where}); nothing was kept; free some space or choose another --out") from None
 
 
 def mb(n: int) -> str:
@@ -81,13 +75,6 @@ def mb(n: int) -> str:
 
 def free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
-
-
-def _no_space(exc: BaseException) -> bool:
-    """ENOSPC/EDQUOT: an OSError, one of shutil.copytree's (src, dst, why) failures, or safetensors' own error."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    return any(os.strerror(e) in str(exc) for e in (errno.ENOSPC, errno.EDQUOT))
 
 
 def _write_model(engine, folder: Path) -> None:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from distclm import config as config_mod
-from distclm.atomic import check_writable
+from distclm.atomic import check_writable, disk_full_is_one_line
 from distclm.errors import UserError
 
 
@@ -89,7 +89,7 @@ def perplexity_of(model_name: str, cfg, seed: int = 0) -> dict:
 def run_command(inv) -> int:
     cfg = inv.cfg
     from distclm.console import PrepareProgress
-    from distclm.data.prepare import prepare
+    from distclm.data.prepare import RESUMES, prepare
     from distclm.model import quiet_loading
     from distclm.rundir import default_run_dir
 
@@ -100,7 +100,8 @@ def run_command(inv) -> int:
     say(f"== prepare {cfg.data.source} -> {cfg.data.dir}")
     progress = PrepareProgress(interval_s=5.0)
     try:
-        result = prepare(cfg, progress)
+        with disk_full_is_one_line(f"--data.dir={cfg.data.dir}", cfg.data.dir or ".", RESUMES):
+            result = prepare(cfg, progress)
     finally:
         progress.close()
     sp = result.manifest["splits"]

@@ -276,9 +276,9 @@ def test_a_prompt_file_that_is_not_text_is_one_line(cli, tmp_path, kind, content
 
 
 @pytest.fixture
-def small_disk(tmp_path):
+def small_disk(tmp_path, request):
     disk = tmp_path / "small"
-    if not _mount(disk, "size=2m"):
+    if not _mount(disk, f"size={getattr(request, 'param', '2m')}"):
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     yield disk
     subprocess.run(["umount", str(disk)], check=True)
@@ -305,8 +305,26 @@ def test_a_disk_that_fills_during_the_copy_is_one_line_and_nothing_is_left(cli, 
     before = snapshot(trained_run)
     out = small_disk / "export"
     line = cli("export", trained_run, f"--out={out}").error_line()
-    assert f"export to {out}: the disk filled while writing it" in line and "needs at least" in line, line
+    assert f"export to {out}: the disk is full (no space left on device in {small_disk}" in line, line
+    assert "it needs at least" in line and "nothing was kept" in line
     assert list(small_disk.iterdir()) == [] and snapshot(trained_run) == before
+
+
+@pytest.mark.parametrize("small_disk", ["100k"], indirect=True)
+def test_prepare_onto_a_full_disk_is_one_line_and_resumes_once_there_is_room(cli, small_disk, tmp_path):
+    data = small_disk / "data"
+    args = ("prepare", "--data.source=pydoc", "--data.block_size=64", f"--data.dir={data}")
+    line = cli(*args).error_line()
+    assert f"--data.dir={data}: the disk is full (no space left on device in " in line, line
+    assert "not read as complete" in line and "prepare again" in line
+    assert not (data / "manifest.json").exists()
+    subprocess.run(["mount", "-o", "remount,size=8m", str(small_disk)], check=True)
+    assert cli(*args).code == 0
+    reference = tmp_path / "reference"
+    assert cli(*args[:-1], f"--data.dir={reference}").code == 0
+    shards = lambda d: {p.name: p.read_bytes() for p in d.glob("*.bin")}  # noqa: E731
+    assert shards(data) == shards(reference) and shards(data)
+    assert (data / "manifest.json").read_bytes() == (reference / "manifest.json").read_bytes()
 
 
 # ---------------------------------------------------------------------------------------------
