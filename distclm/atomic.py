@@ -59,9 +59,13 @@ def atomic_write(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    publish_file(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        publish_file(tmp, path)
+    except BaseException:  # a full disk, an interrupt: no half-written sibling is left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def fresh_dir(path: Path) -> Path:

@@ -93,9 +93,11 @@ def evaluate_splits(model, splits: list, batch_size: int, device, collective_for
 def write_result(result: dict, path: str) -> None:
     import json
 
-    from distclm.atomic import atomic_write
+    from distclm.atomic import atomic_write, disk_full_is_one_line
 
-    atomic_write(Path(path), (json.dumps(result, indent=2) + "\n").encode())
+    with disk_full_is_one_line(f"--eval.output={path}", Path(path).parent, "the result is printed above; no file was "
+                                                                          "written"):
+        atomic_write(Path(path), (json.dumps(result, indent=2) + "\n").encode())
 
 
 def eval_command(inv) -> int:

@@ -327,6 +327,34 @@ def test_prepare_onto_a_full_disk_is_one_line_and_resumes_once_there_is_room(cli
     assert (data / "manifest.json").read_bytes() == (reference / "manifest.json").read_bytes()
 
 
+def fill(disk: Path) -> None:
+    """Write into `disk` until it is full (what stays is a user's file)."""
+    with open(disk / "filler.bin", "wb", buffering=0) as fh:  # unbuffered: the last write fails, not the close
+        try:
+            while True:
+                fh.write(b"x" * 4096)
+        except OSError:
+            pass
+
+
+@pytest.mark.parametrize("small_disk", ["64k"], indirect=True)
+@pytest.mark.parametrize("name", ["eval", "plan"])
+def test_a_result_file_onto_a_full_disk_is_one_line_and_no_tmp_is_left(cli, pydoc_blocks, small_disk, name):
+    fill(small_disk)
+    before = snapshot(small_disk)
+    out = small_disk / "result.json"
+    args = {"eval": ["eval", "--model.name=gpt2-tiny", f"--data.dir={pydoc_blocks}", "--eval.max_blocks=2",
+                     f"--eval.output={out}"],
+            "plan": ["plan", "--model.name=gpt2-tiny", f"--plan.output={out}"]}[name]
+    r = cli(*args)
+    line = r.error_line()
+    flag = {"eval": "--eval.output", "plan": "--plan.output"}[name]
+    assert f"{flag}={out}: the disk is full (no space left on device in {small_disk}" in line, line
+    assert "printed above; no file was written" in line
+    assert ("perplexity: " in r.out) if name == "eval" else ("recommended" in r.out)
+    assert snapshot(small_disk) == before  # no result.json, no result.json.tmp
+
+
 # ---------------------------------------------------------------------------------------------
 # 5. Eval with no blocks is refused, not nan
 
