@@ -12,11 +12,15 @@ result. Nothing here imports torch.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from distclm.errors import UserError
 
 
 def fsync_dir(path: Path) -> None:
@@ -55,9 +59,13 @@ def atomic_write(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    publish_file(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        publish_file(tmp, path)
+    except BaseException:  # a full disk, an interrupt: no half-written sibling is left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def fresh_dir(path: Path) -> Path:
@@ -90,3 +98,52 @@ def atomic_dir(final: Path, marker: str | None = None, marker_text: str = "") ->
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     publish_dir(tmp, final, marker, marker_text)
+
+
+def check_writable(path: str | Path, flag: str, kind: str = "folder", beside: bool = False) -> None:
+    """Refuse an output path distclm could not write, before the work that would produce it (UserError, one line
+    naming `flag`, the path and what is wrong). `kind`: what the output is ("folder" or "file"); `beside`: it is
+    published from a temporary sibling (atomic_write's `.tmp`, atomic_dir's `.tmp-` folder), so its parent is what
+    must take writes, else (a run dir, a data folder) it is written inside.
+
+    The nearest existing ancestor must be a folder (not `FILE/x`) that takes a real probe file: `os.access` answers
+    from local permission bits, which root passes (a root-squashed NFS share, a server-side read-only export or a
+    full quota refuse only the real write), and a probe is the one answer every file system gives alike.
+    Nothing is left but a missing folder still missing: the work itself makes it later."""
+    target = Path(path).absolute()
+    if target.exists() and target.is_dir() != (kind == "folder"):
+        raise UserError(f"{flag}={path}: {target} is {'a folder' if target.is_dir() else 'a file'}, not a {kind}")
+    where = target.parent if beside else target
+    while not where.exists():
+        where = where.parent
+    if not where.is_dir():
+        raise UserError(f"{flag}={path}: {where} is a file, not a folder, so nothing can be written under it")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".distclm-write-probe-", dir=where)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"{flag}={path}: cannot write in {where} ({exc.strerror or exc}); choose a writable "
+                        f"{flag}") from None
+
+
+def disk_full(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT: an OSError, one of shutil.copytree's (src, dst, why) failures, or a library's own error that
+    quotes the system's message (safetensors)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(os.strerror(e) in str(exc) for e in (errno.ENOSPC, errno.EDQUOT))
+
+
+@contextmanager
+def disk_full_is_one_line(what: str, folder: str | Path, then: str) -> Iterator[None]:
+    """A disk that fills inside the block -> UserError naming `what` (the flag and path), the folder and its free
+    space, then `then` (what was kept, what to do). Any other error passes unchanged."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - only a full disk becomes a user error; the rest is re-raised
+        if not disk_full(exc):
+            raise
+        where = next(p for p in (Path(folder), *Path(folder).absolute().parents) if p.exists())
+        raise UserError(f"{what}: the disk is full ({os.strerror(errno.ENOSPC).lower()} in {where}, "
+                        f"{shutil.disk_usage(where).free / 1e6:,.1f} MB free); {then}") from None

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from distclm import dist
+from distclm.errors import UserError
 from distclm.loss import label_count, nll_sum
 
 
@@ -92,9 +93,11 @@ def evaluate_splits(model, splits: list, batch_size: int, device, collective_for
 def write_result(result: dict, path: str) -> None:
     import json
 
-    from distclm.atomic import atomic_write
+    from distclm.atomic import atomic_write, disk_full_is_one_line
 
-    atomic_write(Path(path), (json.dumps(result, indent=2) + "\n").encode())
+    with disk_full_is_one_line(f"--eval.output={path}", Path(path).parent, "the result is printed above; no file was "
+                                                                          "written"):
+        atomic_write(Path(path), (json.dumps(result, indent=2) + "\n").encode())
 
 
 def eval_command(inv) -> int:
@@ -104,14 +107,16 @@ def eval_command(inv) -> int:
     collective): no rank ever holds all of it. Any other strategy keeps a full copy on every rank. Several
     folders (--data.dir=a,b): each one's perplexity and the --data.weights weighted one.
     """
+    from distclm.atomic import check_writable
     from distclm.engine import Engine
-    from distclm.errors import UserError
     from distclm.loss import install
     from distclm.model import ModelShape, build_model, load_config, quiet_loading, resolve_model_dir
 
     cfg = inv.cfg
     if not cfg.model.name:
         raise UserError("--model.name is required: a run dir, a Hugging Face folder or a hub id")
+    if cfg.eval.output:  # before anything is evaluated: a result that cannot be written fails first, not last
+        check_writable(cfg.eval.output, "--eval.output", kind="file", beside=True)
     quiet_loading()
     shape = ModelShape.of(load_config(cfg.model.name, cfg.model.trust_remote_code))
     readers, splits = eval_data(cfg, shape)
@@ -143,8 +148,25 @@ def eval_data(cfg, shape):
     from distclm.rundir import open_data
 
     readers, ws = open_data(cfg, shape, verify=False)
-    return readers, [(str(r.folder), r.split(cfg.eval.split).first(cfg.eval.max_blocks), w)
-                     for r, w in zip(readers, ws)]
+    try:
+        return readers, [(str(r.folder), eval_blocks(r, cfg.eval.split, cfg.eval.max_blocks), w)
+                         for r, w in zip(readers, ws)]
+    except UserError:
+        for r in readers:
+            r.close()
+        raise
+
+
+def eval_blocks(reader, split: str, max_blocks: int | None = None):
+    """The blocks of `split` to evaluate (the first `max_blocks`); none at all is refused: a perplexity of no tokens
+    is nan, not a result."""
+    blocks = reader.split(split).first(max_blocks)
+    if len(blocks) == 0:
+        names = ", ".join(f"{k} ({len(b):,} blocks)" for k, b in reader.splits.items())
+        raise UserError(f"--data.dir={reader.folder}: its {split!r} split has 0 blocks, nothing to evaluate; choose "
+                        f"another --eval.split (splits there: {names}) or prepare it again with validation "
+                        f"documents (--data.val_fraction > 0 or --data.val_docs)")
+    return blocks
 
 
 def report(result: dict, output: str | None) -> None:

@@ -11,10 +11,11 @@ rebuilt from --model.name and the adapter merged into it.
 from __future__ import annotations
 
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from distclm import dist
-from distclm.atomic import atomic_dir, fresh_dir, publish_dir
+from distclm.atomic import atomic_dir, check_writable, disk_full_is_one_line, fresh_dir, publish_dir
 from distclm.checkpoint import complete_checkpoints
 from distclm.errors import UserError
 from distclm.hf_folder import check_full_weights, lazy_shard_tensors, write_weights
@@ -34,12 +35,13 @@ def export_run(run_dir: Path, out: Path | None = None, engine=None) -> Path:
     ckpt, out = found[-1], Path(out) if out else Path(run_dir) / "export"
     if any((ckpt / "model").glob("*.safetensors")):
         if dist.is_rank0():
-            with atomic_dir(out) as tmp:
+            with disk_space(out, ckpt / "model"), atomic_dir(out) as tmp:
                 shutil.copytree(ckpt / "model", tmp, dirs_exist_ok=True)
         dist.barrier()
         return out
     if engine is None:
-        return _export_offline(ckpt, out)
+        with disk_space(out, ckpt / "model"):
+            return _export_offline(ckpt, out)
     tmp = out.with_name(f".tmp-{out.name}")
     if engine.is_main:
         fresh_dir(tmp)
@@ -49,6 +51,30 @@ def export_run(run_dir: Path, out: Path | None = None, engine=None) -> Path:
         publish_dir(tmp, out)
     engine.barrier()
     return out
+
+
+@contextmanager
+def disk_space(out: Path, source: Path):
+    """The export's room: refused up front when the disk holds less than the `source` folder's bytes (the copy's
+    need; ZeRO shards and LoRA merges need more), and a disk that fills while it is written (atomic_dir has removed
+    the partial copy by then) is one line too, naming the folder and the space needed, not shutil.Error's list."""
+    need = sum(p.stat().st_size for p in source.rglob("*") if p.is_file())
+    where = next(p for p in (out, *out.absolute().parents) if p.exists())
+    free = free_bytes(where)
+    if free < need:
+        raise UserError(f"export to {out}: needs {mb(need)} and {where} has {mb(free)} free; free some space or "
+                        f"choose another --out")
+    with disk_full_is_one_line(f"export to {out}", where, f"it needs at least {mb(need)}; nothing was kept; free "
+                                                          f"some space or choose another --out"):
+        yield
+
+
+def mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
 
 
 def _write_model(engine, folder: Path) -> None:
@@ -107,6 +133,8 @@ def export_command(inv) -> int:
         raise UserError("export needs a run dir: distclm export RUN [--out DIR]")
     if not Path(run_dir).is_dir():
         raise UserError(f"export: {run_dir}: no such run dir")
-    out = export_run(Path(run_dir), inv.extras.get("out"))
+    out = inv.extras.get("out") or str(Path(run_dir) / "export")
+    check_writable(out, "--out", beside=True)
+    out = export_run(Path(run_dir), out)
     print(f"exported {run_dir} -> {out} (load it with transformers.pipeline('text-generation', model='{out}'))")
     return 0

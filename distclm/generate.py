@@ -18,6 +18,7 @@ and settings give the same text as a direct `model.generate` call.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 
@@ -33,11 +34,7 @@ def read_prompts(prompt: str | None, prompt_file: str | None) -> list[str]:
             raise UserError("--prompt is empty: give some text to continue")
         return [prompt]
     if prompt_file is not None:
-        try:
-            with open(prompt_file, encoding="utf-8") as fh:
-                lines = [line.rstrip("\r\n") for line in fh]
-        except FileNotFoundError:
-            raise UserError(f"--prompt-file={prompt_file}: no such file") from None
+        lines = read_text_lines(prompt_file, "--prompt-file")
     elif not sys.stdin.isatty():
         lines = [line.rstrip("\r\n") for line in sys.stdin]
     else:
@@ -46,6 +43,25 @@ def read_prompts(prompt: str | None, prompt_file: str | None) -> list[str]:
     if not prompts:
         raise UserError("no prompt: the prompt file or stdin held only empty lines")
     return prompts
+
+
+def read_text_lines(path: str, flag: str) -> list[str]:
+    """A text file's lines; a missing, unreadable or binary file (not UTF-8, or NUL bytes) is one line naming it."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{flag}={path}: no such file") from None
+    except OSError as exc:
+        raise UserError(f"{flag}={path}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{flag}={path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                        f"give a text file, one prompt per line") from None
+    if "\0" in text:
+        raise UserError(f"{flag}={path}: a binary file (a NUL byte at offset {text.index(chr(0))}), not text; "
+                        f"give a text file, one prompt per line")
+    return [line.rstrip("\r") for line in text.split("\n")]
 
 
 def generation_kwargs(gen, pad_token_id: int) -> dict:

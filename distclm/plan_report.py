@@ -7,7 +7,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from distclm.atomic import atomic_write
+from distclm.atomic import atomic_write, check_writable, disk_full_is_one_line
 from distclm.plan_cli import gb, make_plan
 
 SHOWN = 12  # fitting configurations listed (all of them are in --plan.output)
@@ -115,11 +115,15 @@ def _verdict(label: str, p: dict) -> str:
 def plan_command(inv) -> int:
     """`distclm plan`: the table, the pick (or what would fit), and the JSON with --plan.output."""
     cfg = inv.cfg
+    if cfg.plan.output:
+        check_writable(cfg.plan.output, "--plan.output", kind="file", beside=True)
     plan = make_plan(cfg)
     print(render(plan))
     if plan["recommended"] is None:
         print(nothing_fits(cfg, plan))
     if cfg.plan.output:
-        atomic_write(Path(cfg.plan.output), (json.dumps(plan, indent=2) + "\n").encode())
+        with disk_full_is_one_line(f"--plan.output={cfg.plan.output}", Path(cfg.plan.output).parent,
+                                   "the plan is printed above; no file was written"):
+            atomic_write(Path(cfg.plan.output), (json.dumps(plan, indent=2) + "\n").encode())
         print(f"plan written to {cfg.plan.output}")
     return 0

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from distclm import config as config_mod
+from distclm.atomic import check_writable, disk_full_is_one_line
 from distclm.errors import UserError
 
 
@@ -77,28 +78,30 @@ def perplexity_of(model_name: str, cfg, seed: int = 0) -> dict:
     """One-process eval of a model on the validation split (`seed`: the init of a preset model)."""
     from distclm.data.blocks import BlockReader
     from distclm.dist import device
-    from distclm.evaluation import evaluate
+    from distclm.evaluation import eval_blocks, evaluate
     from distclm.model import build_model
 
-    model = build_model(model_name, seed, cfg.model.trust_remote_code)
     reader = BlockReader(cfg.data.dir)
-    return evaluate(model, reader.split(cfg.eval.split), cfg.eval.batch_size, device())
+    blocks = eval_blocks(reader, cfg.eval.split)  # before the model: no validation blocks is refused, not nan
+    return evaluate(build_model(model_name, seed, cfg.model.trust_remote_code), blocks, cfg.eval.batch_size, device())
 
 
 def run_command(inv) -> int:
     cfg = inv.cfg
     from distclm.console import PrepareProgress
-    from distclm.data.prepare import prepare
+    from distclm.data.prepare import RESUMES, prepare
     from distclm.model import quiet_loading
     from distclm.rundir import default_run_dir
 
     check_reachable(cfg)
+    check_writable(cfg.run.dir or "runs", "--run.dir")  # before prepare: data.dir is checked by prepare itself
     quiet_loading()
     say = print
     say(f"== prepare {cfg.data.source} -> {cfg.data.dir}")
     progress = PrepareProgress(interval_s=5.0)
     try:
-        result = prepare(cfg, progress)
+        with disk_full_is_one_line(f"--data.dir={cfg.data.dir}", cfg.data.dir or ".", RESUMES):
+            result = prepare(cfg, progress)
     finally:
         progress.close()
     sp = result.manifest["splits"]

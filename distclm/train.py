@@ -23,6 +23,7 @@ from pathlib import Path
 
 from distclm import dist
 from distclm.activity import Activity, attach_ddp, clock_for, instrumented
+from distclm.atomic import check_writable
 from distclm.checkpoint import check_compatible, find_resume, load_checkpoint, needs_universal, read_meta
 from distclm.config import Config
 from distclm.console import TrainConsole
@@ -129,6 +130,7 @@ def make_plan(cfg: Config) -> Plan:
         raise UserError("--model.name is required: a hub id, a Hugging Face folder, a run dir, or a preset "
                         "(gpt2-tiny, llama-tiny, ...)")
     parse_names(cfg.log.trackers)  # a tracker that is not installed: one line, before anything starts
+    check_writable(cfg.run.dir or "runs", "--run.dir")  # (the default is a fresh folder under runs/)
     shape = ModelShape.of(load_config(cfg.model.name, cfg.model.trust_remote_code))
     readers, ws, train_blocks, sampler = data_and_sampler(cfg, shape)
     if supervision.masked(readers):  # before any process group: a refused folder costs nothing

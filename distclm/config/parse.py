@@ -76,7 +76,20 @@ def coerce(key: str, value: Any, origin: str) -> Any:
     choices = f.metadata.get("choices")
     if choices and out not in choices:
         raise UserError(f"{where}: expected one of {', '.join(choices)}, got {value!r}")
+    check_bound(key, out, where if origin != "flag" else None, value)
     return out
+
+
+def check_bound(key: str, value: Any, where: str | None = None, given: Any = None) -> None:
+    """A number outside its field's bound (tree.py, `bound=`; nan and inf always) -> one line naming the flag (or
+    the file's key), the value and the range: `--train.lr=inf: must be a finite number > 0`."""
+    f, tp = field_specs()[key]
+    bound = f.metadata.get("bound")
+    if bound is None or value is None or isinstance(value, (bool, str)) or bound.allows(value):
+        return
+    rule = f"must be {bound.describe(base_type(tp)[0] is int)}"
+    shown = value if given is None else given
+    raise UserError(f"--{key}={shown}: {rule}" if where is None else f"{where}: {rule}, got {shown!r}")
 
 
 def closest_key(key: str) -> str:
@@ -148,46 +161,10 @@ def build_config(preset: str | None = None, file: str | None = None,
 
 
 def validate(cfg: Config) -> None:
-    """Checks that span one field's type: ranges and combinations. Errors name the flag."""
-    d, t = cfg.data, cfg.train
-    positive = {
-        "data.block_size": d.block_size, "data.shard_blocks": d.shard_blocks,
-        "train.micro_batch_size": 1 if t.micro_batch_size == "auto" else t.micro_batch_size,
-        "train.grad_accum": t.grad_accum,
-        "eval.batch_size": cfg.eval.batch_size, "gen.max_new_tokens": cfg.gen.max_new_tokens,
-        "gen.num_return_sequences": cfg.gen.num_return_sequences, "train.keep_last": t.keep_last,
-        "train.max_nonfinite": t.max_nonfinite,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise UserError(f"--{key} must be at least 1, got {value}")
-    if d.block_size < 2:
-        raise UserError(f"--data.block_size must be at least 2 (a block predicts block_size-1 tokens), got {d.block_size}")
-    if not 0.0 <= d.val_fraction < 1.0:
-        raise UserError(f"--data.val_fraction must be in [0, 1), got {d.val_fraction}")
-    for key, value in {"data.max_docs": d.max_docs, "data.val_docs": d.val_docs,
-                       "data.num_workers": d.num_workers, "train.max_steps": t.max_steps,
-                       "train.global_batch_size": t.global_batch_size,
-                       "eval.max_blocks": cfg.eval.max_blocks}.items():
-        if value is not None and value < (0 if key == "data.val_docs" else 1):
-            raise UserError(f"--{key} must be positive, got {value}")
-    for key, value in {"train.epochs": t.epochs, "train.warmup_steps": t.warmup_steps,
-                       "train.save_every": t.save_every, "eval.every_steps": cfg.eval.every_steps,
-                       "log.every_steps": cfg.log.every_steps}.items():
-        if value < 0:
-            raise UserError(f"--{key} must be >= 0, got {value}")
-    if t.hang_timeout_s < 0:
-        raise UserError(f"--train.hang_timeout_s must be >= 0 (0 = off), got {t.hang_timeout_s}")
-    if t.dist_timeout_s <= 0:
-        raise UserError(f"--train.dist_timeout_s must be positive, got {t.dist_timeout_s}")
-    if t.lr <= 0:
-        raise UserError(f"--train.lr must be positive, got {t.lr}")
-    lora = cfg.lora
-    if lora.r < 0 or lora.alpha <= 0 or not 0 <= lora.dropout < 1:
-        raise UserError(f"--lora.r must be >= 0, --lora.alpha > 0 and --lora.dropout in [0, 1); got r={lora.r}, "
-                        f"alpha={lora.alpha}, dropout={lora.dropout}")
-    if not 0 < cfg.gen.top_p <= 1:
-        raise UserError(f"--gen.top_p must be in (0, 1], got {cfg.gen.top_p}")
+    """Every number against its field's bound (a config built in code too, not only from flags and files)."""
+    for key in field_specs():
+        section, name = key.split(".", 1)
+        check_bound(key, getattr(getattr(cfg, section), name))
 
 
 def to_yaml(cfg: Config) -> str:

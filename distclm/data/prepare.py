@@ -28,7 +28,7 @@ from typing import Iterator
 import numpy as np
 
 from distclm import __version__
-from distclm.atomic import atomic_write
+from distclm.atomic import atomic_write, check_writable, disk_full_is_one_line
 from distclm.config import Config, num_workers, to_yaml
 from distclm.data import sources
 from distclm.data.blocks import FORMAT, MANIFEST, VERSION, SplitWriter, dump_json, read_manifest
@@ -42,6 +42,7 @@ STATE = ".prepare-state.json"
 CHUNK_CHARS = 1 << 20  # ~1 MB of text per tokenize task: large enough to amortise, small for memory
 CHUNK_DOCS = 4096
 CHAT_CHUNK = 128  # records per chunk of chat / prompt_completion records
+RESUMES = "no manifest written, so not read as complete; free some space and prepare again: it resumes from its last shard"
 
 
 def split_of(position: int, seed: int, val_fraction: float) -> str:
@@ -227,6 +228,8 @@ def prepare(cfg: Config, progress=None) -> Prepared:
     for _, spec in source_specs(cfg):  # fail on a missing file before loading the tokenizer
         if sources.is_local_source(spec.source):
             sources.local_files(spec.source)
+    if cfg.run.overwrite or not (out / MANIFEST).exists():  # a complete folder is reused as it is (read-only too)
+        check_writable(out, "--data.dir")
     tok = load_tokenizer(d.tokenizer, num_threads=1)
     if tok.max_length is not None and d.block_size > tok.max_length:
         raise UserError(f"--data.block_size={d.block_size} exceeds the tokenizer's maximum length {tok.max_length}")
@@ -370,7 +373,8 @@ def prepare_command(inv) -> int:
     cfg = inv.cfg
     progress = PrepareProgress(interval_s=min(cfg.log.interval_s, 5.0), total_docs=cfg.data.max_docs)
     try:
-        result = prepare(cfg, progress)
+        with disk_full_is_one_line(f"--data.dir={cfg.data.dir}", cfg.data.dir or ".", RESUMES):
+            result = prepare(cfg, progress)
     finally:
         progress.close()
     m = result.manifest

@@ -32,7 +32,7 @@ CASES = {
     "empty corpus": (["--data.source={tmp}/empty.jsonl"], ["no training block", "0 non-empty documents"]),
     "only empty documents": (["--data.source={tmp}/blank.jsonl"], ["no training block", "0 non-empty documents"]),
     "too few tokens for a block": (["--data.source={tmp}/tiny.jsonl"], ["no training block", "block_size 128"]),
-    "block_size below 2": (["--data.source=pydoc", "--data.block_size=1"], ["--data.block_size must be at least 2"]),
+    "block_size below 2": (["--data.source=pydoc", "--data.block_size=1"], ["--data.block_size=1: must be an integer >= 2"]),
     "block_size above tokenizer max": (["--data.source=pydoc", "--data.block_size=1025"],
                                        ["--data.block_size=1025 exceeds the tokenizer's maximum length 1024"]),
     "tokenizer folder not loadable": (["--data.source=pydoc", "--data.tokenizer={tmp}/emptytok"],

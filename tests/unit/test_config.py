@@ -109,12 +109,12 @@ def test_unknown_preset_and_missing_file(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    ({"data.block_size": "1"}, "--data.block_size must be at least 2"),
-    ({"data.block_size": "0"}, "--data.block_size must be at least 1"),
-    ({"data.shard_blocks": "0"}, "--data.shard_blocks must be at least 1"),
-    ({"data.val_fraction": "1"}, "--data.val_fraction must be in [0, 1)"),
-    ({"data.max_docs": "0"}, "--data.max_docs must be positive"),
-    ({"data.num_workers": "0"}, "--data.num_workers must be positive"),
+    ({"data.block_size": "1"}, "--data.block_size=1: must be an integer >= 2"),
+    ({"data.block_size": "0"}, "--data.block_size=0: must be an integer >= 2"),
+    ({"data.shard_blocks": "0"}, "--data.shard_blocks=0: must be an integer >= 1"),
+    ({"data.val_fraction": "1"}, "--data.val_fraction=1: must be a finite number in [0, 1)"),
+    ({"data.max_docs": "0"}, "--data.max_docs=0: must be an integer >= 1"),
+    ({"data.num_workers": "0"}, "--data.num_workers=0: must be an integer >= 1"),
 ])
 def test_validate_ranges(flags, message):
     with pytest.raises(UserError) as exc:
