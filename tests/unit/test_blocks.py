@@ -103,10 +103,10 @@ def edit_manifest(folder: Path, **changes) -> None:
 
 @pytest.mark.parametrize("changes, message", [
     ({"version": 3}, "field 'version' is 3, but this distclm reads versions 1 and 2"),
-    ({"version": 2}, "field 'data_format' missing (a version-2 folder stores which tokens get loss)"),
+    ({"version": 2}, "data_format missing (must be one of \"chat\", \"prompt_completion\")"),
     ({"format": "something-else"}, "field 'format' is 'something-else', expected 'distclm-blocks'"),
-    ({"dtype": "float32"}, "field 'dtype' is 'float32'"),
-    ({"block_size": None}, "field 'block_size' missing"),
+    ({"dtype": "float32"}, "dtype must be one of \"uint16\", \"uint32\", found \"float32\""),
+    ({"block_size": None}, "block_size missing (must be an integer >= 2)"),
 ])
 def test_manifest_checks(damaged, changes, message):
     edit_manifest(damaged, **changes)
