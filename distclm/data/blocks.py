@@ -35,11 +35,10 @@ MANIFEST = "manifest.json"
 LOSS, START = 1, 2  # the bits of a mask file's byte
 DTYPE_IDS = {"uint16": 1 << 16, "uint32": 1 << 32}  # how many distinct ids each shard dtype holds
 
-# The manifest's schema, per version: what prepare writes (prepare.py's _manifest, SplitWriter.summary,
-# prepare_chat's ChatData.manifest and SampleSplits.finish) and what every reader checks before trusting a field
-# (read_manifest). Keys not listed are allowed (added within a version); the rules across fields follow.
-SHA256 = Hex(64)
-COUNT = Int(0)
+# The manifest's schema, per version: what prepare writes (prepare.py's _manifest, SplitWriter.summary, prepare_chat's
+# ChatData.manifest and SampleSplits.finish) and read_manifest checks before any field is trusted. Keys not listed
+# are allowed (added within a version); the rules across fields follow.
+SHA256, COUNT = Hex(64), Int(0)
 SHARD = Record({"file": FileName(), "n_blocks": COUNT, "sha256": SHA256})
 SPLIT = Record({"shards": ListOf(SHARD), "n_blocks": COUNT, "n_tokens": COUNT, "n_docs": COUNT,
                 "dropped_tokens": COUNT})
@@ -362,39 +361,34 @@ class BlockReader:
     def _check_files(self, verify: bool) -> None:
         """Each listed file is a regular file inside the folder, of the size its n_blocks say; with `verify`, its
         sha256 matches and (in the same read) every token id is below vocab_size, every flag byte a known bit."""
-        block_bytes = self.block_size * self.dtype.itemsize
-        inside = self.folder.resolve()
-        for name, info in self.manifest["splits"].items():
+        ids = (self.dtype, self.vocab_size, f"token id {{}}, but the manifest's vocab_size is {self.vocab_size}")
+        flags = (np.dtype(np.uint8), (LOSS | START) + 1, f"flag byte {{}}, but only bits {LOSS} and {START} exist")
+        for info in self.manifest["splits"].values():
             for shard in info["shards"]:
-                files = [(shard["file"], shard["sha256"], block_bytes, self.dtype, self.vocab_size,
-                          f"token id {{}} but the manifest's vocab_size is {self.vocab_size} (ids must be below it)")]
-                if "mask_file" in shard:
-                    files.append((shard["mask_file"], shard["mask_sha256"], self.block_size, np.dtype(np.uint8),
-                                  (LOSS | START) + 1, f"flag byte {{}}, but only bits LOSS ({LOSS}) and START ({START}) "
-                                                    f"exist"))
-                for file, sha, per_block, dtype, limit, what in files:
-                    path = self.folder / file
-                    self._check_file(path, inside, int(shard["n_blocks"]), per_block)
-                    if verify:
-                        digest, top = scan(path, dtype)
-                        if digest != sha:
-                            raise UserError(f"{path}: sha256 does not match the manifest (corrupted); "
-                                            f"re-run prepare with --overwrite")
-                        if top is not None and top >= limit:
-                            raise UserError(f"{path}: holds {what.format(top)}; the file does not belong to this "
-                                            f"manifest (re-run prepare with --overwrite)")
+                files = [(shard["file"], shard["sha256"], self.block_size * self.dtype.itemsize, ids)]
+                if self.manifest["version"] == VERSION_MASKED:
+                    files.append((shard["mask_file"], shard["mask_sha256"], self.block_size, flags))
+                for file, sha, per_block, (dtype, limit, what) in files:
+                    path = self._check_file(file, shard["n_blocks"], per_block)
+                    digest, top = scan(path, dtype) if verify else (sha, None)
+                    if digest != sha:
+                        raise UserError(f"{path}: sha256 does not match the manifest (corrupted); "
+                                        f"re-run prepare with --overwrite")
+                    if top is not None and top >= limit:
+                        raise UserError(f"{path}: holds {what.format(top)}; it does not belong to this manifest "
+                                        f"(re-run prepare with --overwrite)")
 
-    @staticmethod
-    def _check_file(path: Path, inside: Path, n_blocks: int, per_block: int) -> None:
+    def _check_file(self, name: str, n_blocks: int, per_block: int) -> Path:
+        path, expected = self.folder / name, n_blocks * per_block
         if not path.is_file():
             raise UserError(f"{path}: shard listed in the manifest is missing; re-run prepare")
-        if path.resolve().parent != inside:  # a symlink out of the folder (names are plain: the schema)
-            raise UserError(f"{path}: a link to {path.resolve()}, outside {inside}; a prepared folder's shards are "
-                            f"its own files (copy them in, or re-run prepare)")
-        expected, size = n_blocks * per_block, path.stat().st_size
-        if size != expected:
-            raise UserError(f"{path}: {size} bytes, the manifest says {n_blocks} blocks = "
-                            f"{expected} bytes (truncated or corrupted); re-run prepare with --overwrite")
+        if path.resolve().parent != self.folder.resolve():  # a symlink out of the folder (names are plain: schema)
+            raise UserError(f"{path}: a link to {path.resolve()}, outside {self.folder}; a prepared folder's shards "
+                            f"are its own files (copy them in, or re-run prepare)")
+        if path.stat().st_size != expected:
+            raise UserError(f"{path}: {path.stat().st_size} bytes, the manifest says {n_blocks} blocks = {expected} "
+                            f"bytes (truncated or corrupted); re-run prepare with --overwrite")
+        return path
 
     def split(self, name: str) -> SplitBlocks:
         if name not in self.splits:
