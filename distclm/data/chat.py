@@ -186,8 +186,8 @@ def content_text(content, k: int) -> str:
 
 def _kind(value) -> str:
     """A JSON value named for an error line: its JSON type and a short view of it."""
-    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
-             dict: "an object"}
+    names = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
+             list: "a list", dict: "an object"}
     text = json.dumps(value, ensure_ascii=False)
     return f"{names.get(type(value), type(value).__name__)} ({text[:40] + '...' if len(text) > 40 else text})"
 
