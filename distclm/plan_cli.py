@@ -12,7 +12,6 @@ among those within 2% of it, the simplest (lowest ZeRO stage, no offload, no che
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 
@@ -154,7 +153,9 @@ def block_size_of(cfg) -> int:
         manifest = Path(cfg.data.dir.split(",")[0]) / "manifest.json"
         if not manifest.exists():
             raise UserError(f"--data.dir={cfg.data.dir}: no manifest.json there (a prepared folder is needed)")
-        return int(json.loads(manifest.read_text())["block_size"])
+        from distclm.data.blocks import read_manifest
+
+        return read_manifest(manifest.parent)["block_size"]  # schema-checked: a bad field is one line
     return cfg.data.block_size
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from distclm.atomic import publish_file
+from distclm.data.schema import FileName, Hex, Int, Invalid, ListOf, MapOf, Number, OneOf, Opt, Record, Str, check
 from distclm.errors import UserError
 
 FORMAT = "distclm-blocks"
@@ -32,6 +33,53 @@ VERSION = 1  # text folders: every token a label
 VERSION_MASKED = 2  # chat / prompt_completion folders: a flags file beside each shard
 MANIFEST = "manifest.json"
 LOSS, START = 1, 2  # the bits of a mask file's byte
+DTYPE_IDS = {"uint16": 1 << 16, "uint32": 1 << 32}  # how many distinct ids each shard dtype holds
+
+# The manifest's schema, per version: what prepare writes (prepare.py's _manifest, SplitWriter.summary, prepare_chat's
+# ChatData.manifest and SampleSplits.finish) and read_manifest checks before any field is trusted. Keys not listed
+# are allowed (added within a version); the rules across fields follow.
+SHA256, COUNT = Hex(64), Int(0)
+SHARD = Record({"file": FileName(), "n_blocks": COUNT, "sha256": SHA256})
+SPLIT = Record({"shards": ListOf(SHARD), "n_blocks": COUNT, "n_tokens": COUNT, "n_docs": COUNT,
+                "dropped_tokens": COUNT})
+SCHEMA_V1 = Record({
+    "format": OneOf(FORMAT), "version": OneOf(VERSION, VERSION_MASKED), "dtype": OneOf(*DTYPE_IDS),
+    "block_size": Int(2),  # a block predicts block_size - 1 tokens: 1 would train on nothing
+    "vocab_size": Int(1), "eos_token_id": COUNT,
+    "tokenizer": Record({"name": Str(".+", "a non-empty string"), "sha256": SHA256}),
+    "source": Record({}, {"fingerprint": Str()}),
+    "splits": MapOf(SPLIT, "an object of splits ({name: {shards, n_blocks, ...}})"),
+}, {"shard_blocks": Int(1), "distclm_version": Str()})
+MASKED_SHARD = SHARD.extend({"mask_file": FileName(), "mask_sha256": SHA256})
+MASKED_SPLIT = SPLIT.extend({"shards": ListOf(MASKED_SHARD), **dict.fromkeys(
+    ("samples", "truncated", "dropped_overlong", "dropped_unsupervised", "n_supervised", "eot_supervised"), COUNT),
+    "packing_efficiency": Number(0, 1), "supervised_share": Number(0, 1)})
+SCHEMA_V2 = SCHEMA_V1.extend({
+    "splits": MapOf(MASKED_SPLIT, "an object of splits ({name: {shards, n_blocks, ...}})"),
+    "data_format": OneOf("chat", "prompt_completion"), "train_on": OneOf("assistant", "all"),
+    "overlong": OneOf("truncate", "drop"), "chat_template": Opt(Str()), "chat_template_sha256": Opt(SHA256),
+    "chat_template_origin": Opt(Str()), "end_of_turn": Record({"text": Str(), "id": Opt(COUNT)}),
+})
+SCHEMAS = {VERSION: SCHEMA_V1, VERSION_MASKED: SCHEMA_V2}
+
+
+def _across_fields(m: dict):
+    """The rules between fields, checked after the types: (field, what it must be, what it is) of each broken one."""
+    ids = DTYPE_IDS[m["dtype"]]
+    if m["vocab_size"] > ids:  # every id < vocab_size must fit the shard dtype
+        yield "vocab_size", f"at most {ids} with dtype {m['dtype']}", m["vocab_size"]
+    if m["eos_token_id"] >= m["vocab_size"]:
+        yield "eos_token_id", f"below vocab_size ({m['vocab_size']})", m["eos_token_id"]
+    seen = set()
+    for name, s in m["splits"].items():
+        total = sum(shard["n_blocks"] for shard in s["shards"])
+        if s["n_blocks"] != total:
+            yield f"splits.{name}.n_blocks", f"the sum of its shards' n_blocks ({total})", s["n_blocks"]
+        for i, shard in enumerate(s["shards"]):
+            for key in ("file", "mask_file"):
+                if key in shard and shard[key] in seen:  # a file counted twice would be read twice
+                    yield f"splits.{name}.shards[{i}].{key}", "a file no other shard lists", shard[key]
+                seen.add(shard.get(key))
 
 
 def shard_name(split: str, index: int) -> str:
@@ -48,11 +96,20 @@ def dump_json(obj) -> bytes:
 
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
+    return scan(path)[0]
+
+
+def scan(path: Path, dtype: np.dtype | None = None) -> tuple[str, int | None]:
+    """(sha256, largest item) of a file in one read; the items are little-endian `dtype` (None: no maximum).
+    4 MiB chunks are whole items of any dtype here; the caller has checked the size is too."""
+    h, top = hashlib.sha256(), None
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 22), b""):
             h.update(chunk)
-    return h.hexdigest()
+            if dtype is not None:
+                m = int(np.frombuffer(chunk, dtype=dtype.newbyteorder("<")).max())
+                top = m if top is None else max(top, m)
+    return h.hexdigest(), top
 
 
 @dataclass
@@ -165,7 +222,9 @@ class SplitWriter:
 
 
 def read_manifest(folder: str | Path) -> dict:
-    """The manifest of a prepared folder, checked for format and version."""
+    """The manifest of a prepared folder, checked for format and version, then against its version's schema: a
+    field of the wrong type or range, a key missing or a shard named outside the folder is one line naming
+    manifest.json and the field."""
     folder = Path(folder)
     path = folder / MANIFEST
     if not folder.is_dir():
@@ -185,14 +244,13 @@ def read_manifest(folder: str | Path) -> dict:
     if manifest.get("version") not in (VERSION, VERSION_MASKED):
         raise UserError(f"{path}: field 'version' is {manifest.get('version')!r}, but this distclm reads "
                         f"versions {VERSION} and {VERSION_MASKED}; re-run prepare with this version (--overwrite) or upgrade distclm")
-    for key in ("dtype", "block_size", "vocab_size", "eos_token_id", "splits"):
-        if key not in manifest:
-            raise UserError(f"{path}: field {key!r} missing; re-run prepare with --overwrite")
-    if manifest["version"] == VERSION_MASKED and "data_format" not in manifest:
-        raise UserError(f"{path}: field 'data_format' missing (a version-2 folder stores which tokens get loss); "
-                        f"re-run prepare with --overwrite")
-    if manifest["dtype"] not in ("uint16", "uint32"):
-        raise UserError(f"{path}: field 'dtype' is {manifest['dtype']!r}, expected 'uint16' or 'uint32'")
+    try:
+        check(SCHEMAS[manifest["version"]], manifest)
+        broken = next(_across_fields(manifest), None)
+        if broken is not None:
+            raise Invalid(*broken)
+    except Invalid as exc:
+        raise UserError(f"{path}: {exc}; re-run prepare with --overwrite") from None
     return manifest
 
 
@@ -203,7 +261,7 @@ class SplitBlocks:
     but resident memory stays flat over a full pass (a memmap keeps every touched page mapped).
     """
 
-    def __init__(self, folder: Path, name: str, info: dict, block_size: int, dtype: np.dtype):
+    def __init__(self, folder: Path, name: str, info: dict, block_size: int, dtype: np.dtype, masked: bool = False):
         self.name = name
         self.block_size = block_size
         self.dtype = dtype
@@ -215,7 +273,7 @@ class SplitBlocks:
         counts = [int(s["n_blocks"]) for s in info["shards"]]
         self._starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
         self._fds: list[int] = []
-        self.masked = bool(info["shards"]) and "mask_file" in info["shards"][0]
+        self.masked = masked  # a version-2 folder: every shard has its flags file (the schema says so)
         self.mask_paths = [folder / s["mask_file"] for s in info["shards"]] if self.masked else []
         self._mask_fds: list[int] = []
 
@@ -296,30 +354,41 @@ class BlockReader:
         self.eos_token_id = m["eos_token_id"]
         self.dtype = np.dtype(m["dtype"])
         self._check_files(verify)
-        self.splits = {name: SplitBlocks(self.folder, name, info, self.block_size, self.dtype)
+        masked = m["version"] == VERSION_MASKED
+        self.splits = {name: SplitBlocks(self.folder, name, info, self.block_size, self.dtype, masked)
                        for name, info in m["splits"].items()}
 
     def _check_files(self, verify: bool) -> None:
-        block_bytes = self.block_size * self.dtype.itemsize
-        for name, info in self.manifest["splits"].items():
+        """Each listed file is a regular file inside the folder, of the size its n_blocks say; with `verify`, its
+        sha256 matches and (in the same read) every token id is below vocab_size, every flag byte a known bit."""
+        ids = (self.dtype, self.vocab_size, f"token id {{}}, but the manifest's vocab_size is {self.vocab_size}")
+        flags = (np.dtype(np.uint8), (LOSS | START) + 1, f"flag byte {{}}, but only bits {LOSS} and {START} exist")
+        for info in self.manifest["splits"].values():
             for shard in info["shards"]:
-                files = [(shard["file"], shard["sha256"], block_bytes)]
-                if "mask_file" in shard:
-                    files.append((shard["mask_file"], shard["mask_sha256"], self.block_size))
-                for file, sha, per_block in files:
-                    self._check_file(self.folder / file, int(shard["n_blocks"]), per_block, sha if verify else None)
+                files = [(shard["file"], shard["sha256"], self.block_size * self.dtype.itemsize, ids)]
+                if self.manifest["version"] == VERSION_MASKED:
+                    files.append((shard["mask_file"], shard["mask_sha256"], self.block_size, flags))
+                for file, sha, per_block, (dtype, limit, what) in files:
+                    path = self._check_file(file, shard["n_blocks"], per_block)
+                    digest, top = scan(path, dtype) if verify else (sha, None)
+                    if digest != sha:
+                        raise UserError(f"{path}: sha256 does not match the manifest (corrupted); "
+                                        f"re-run prepare with --overwrite")
+                    if top is not None and top >= limit:
+                        raise UserError(f"{path}: holds {what.format(top)}; it does not belong to this manifest "
+                                        f"(re-run prepare with --overwrite)")
 
-    @staticmethod
-    def _check_file(path: Path, n_blocks: int, per_block: int, sha: str | None) -> None:
+    def _check_file(self, name: str, n_blocks: int, per_block: int) -> Path:
+        path, expected = self.folder / name, n_blocks * per_block
         if not path.is_file():
             raise UserError(f"{path}: shard listed in the manifest is missing; re-run prepare")
-        expected, size = n_blocks * per_block, path.stat().st_size
-        if size != expected:
-            raise UserError(f"{path}: {size} bytes, the manifest says {n_blocks} blocks = "
-                            f"{expected} bytes (truncated or corrupted); re-run prepare with --overwrite")
-        if sha is not None and file_sha256(path) != sha:
-            raise UserError(f"{path}: sha256 does not match the manifest (corrupted); "
-                            f"re-run prepare with --overwrite")
+        if path.resolve().parent != self.folder.resolve():  # a symlink out of the folder (names are plain: schema)
+            raise UserError(f"{path}: a link to {path.resolve()}, outside {self.folder}; a prepared folder's shards "
+                            f"are its own files (copy them in, or re-run prepare)")
+        if path.stat().st_size != expected:
+            raise UserError(f"{path}: {path.stat().st_size} bytes, the manifest says {n_blocks} blocks = {expected} "
+                            f"bytes (truncated or corrupted); re-run prepare with --overwrite")
+        return path
 
     def split(self, name: str) -> SplitBlocks:
         if name not in self.splits:

@@ -17,10 +17,11 @@ prompt (no loss) and completion + EOS (loss), with no template. Nothing here imp
 from __future__ import annotations
 
 import hashlib
+import json
 from functools import lru_cache
 from pathlib import Path
 
-from distclm.errors import UserError
+from distclm.errors import UserError, first_line
 
 FORMATS = ("text", "chat", "prompt_completion")
 
@@ -52,7 +53,18 @@ def resolve_template(spec: str, own: str | None) -> tuple[str, str]:
     path = Path(spec).expanduser()
     if not path.is_file():
         raise UserError(f"--data.chat_template={spec}: no such file (auto, default, or a Jinja template file)")
-    return path.read_text(encoding="utf-8"), f"file {path.name}"
+    try:
+        return path.read_text(encoding="utf-8"), f"file {path.name}"
+    except UnicodeDecodeError as exc:
+        raise UserError(f"--data.chat_template={spec}: not UTF-8 text (byte {exc.start}); a Jinja template file "
+                        f"is text") from None
+
+
+def template_label(d, origin: str) -> str:
+    """The template named as the user chose it, for an error line: the file's flag, or the tokenizer's own."""
+    if origin == "tokenizer":
+        return f"the tokenizer's chat template (--data.tokenizer={d.tokenizer})"
+    return "the default chat template" if origin == "default" else f"--data.chat_template={d.chat_template}"
 
 
 def own_template(hf) -> str | None:
@@ -69,10 +81,20 @@ def normalise_template(t) -> str | None:
     return t or None
 
 
+class TemplateFailed(ValueError):
+    """The chat template itself failed (syntax, or an error while rendering): the caller names which template."""
+
+
+# What a template can raise while rendering, besides jinja2's own TemplateError (syntax, undefined, security,
+# raise_exception): Python's errors from the expressions it evaluates (`1/0`, `'a' + 1`, an `{% include %}` with no
+# loader, `'x'.index('y')`, a recursive macro). Caught at the one place templates run (compile_template, render).
+RENDER_ERRORS = (ArithmeticError, TypeError, ValueError, LookupError, RecursionError)
+
+
 @lru_cache(maxsize=8)
 def compile_template(template: str):
     """Jinja as transformers renders chat templates (sandboxed, trim_blocks, lstrip_blocks, loop controls)."""
-    from jinja2 import TemplateError
+    from jinja2 import TemplateError, TemplateSyntaxError
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -85,17 +107,24 @@ def compile_template(template: str):
     env.globals["strftime_now"] = lambda fmt: "1970-01-01"  # fixed: the same input gives the same bytes
     try:
         return env.from_string(template), dict(env.globals)
+    except TemplateSyntaxError as exc:  # an undefined filter or test too (TemplateAssertionError)
+        raise TemplateFailed(f"not a valid Jinja template: line {exc.lineno}: {_first_line(exc)}") from None
     except TemplateError as exc:
-        raise UserError(f"--data.chat_template: not a valid Jinja template ({exc})") from None
+        raise TemplateFailed(f"not a valid Jinja template: {_first_line(exc)}") from None
+
+
+def _first_line(exc) -> str:
+    """Jinja's own message (a syntax error's without the source it quotes), its first line."""
+    return first_line(exc) if getattr(exc, "message", None) is None else first_line(Exception(exc.message))
 
 
 def _tojson(value, indent=None, **_):
-    import json
-
     return json.dumps(value, indent=indent, ensure_ascii=False)
 
 
 def render(template: str, messages: list[dict], add_generation_prompt: bool, specials: dict) -> str:
+    """The template applied to `messages`; TemplateFailed (one line: the error's type and first line) when the
+    template does not compile or fails on them."""
     from jinja2 import TemplateError
 
     compiled, names = compile_template(template)
@@ -105,14 +134,16 @@ def render(template: str, messages: list[dict], add_generation_prompt: bool, spe
     try:
         return "".join(compiled.root_render_func(compiled.new_context(variables, shared=True)))
     except TemplateError as exc:
-        raise ValueError(f"the chat template failed: {exc}") from None
+        raise TemplateFailed(f"the template failed: {_first_line(exc)}") from None
+    except RENDER_ERRORS as exc:
+        raise TemplateFailed(f"the template failed: {type(exc).__name__}: {_first_line(exc)}") from None
 
 
 def chat_pieces(messages, template: str, specials: dict, train_on: str) -> list[tuple[str, bool]]:
     """A conversation -> [(text, supervised)], concatenating to render(messages). See the module docstring."""
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
         raise ValueError("expected a list of {role, content} messages")
-    messages = [{**m, "content": "" if m.get("content") is None else str(m["content"])} for m in messages]
+    messages = [{**m, "content": content_text(m.get("content"), k)} for k, m in enumerate(messages)]
     pieces, done = [], ""
     for k, message in enumerate(messages):
         if message["role"] == "assistant":
@@ -127,6 +158,38 @@ def chat_pieces(messages, template: str, specials: dict, train_on: str) -> list[
     if train_on == "all":
         return [(text, True) for text, _ in pieces]
     return pieces
+
+
+def content_text(content, k: int) -> str:
+    """A message's content as the text the template sees: a string as it is, null as "", and a list of text parts
+    (`[{"type": "text", "text": ...}]`, the OpenAI / transformers multimodal shape) as its texts concatenated,
+    which is what the templates that take parts render (`{% for part in message['content'] %}{% if part['type'] ==
+    'text' %}{{ part['text'] }}`: no separator between parts). A part that is not text (an image, audio) or content
+    of another type is refused: this is a text model's data, and its repr is not the text."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if not isinstance(content, list):
+        raise ValueError(f"message {k}: content is {_kind(content)}; expected a string or a list of text parts "
+                         f"[{{\"type\": \"text\", \"text\": ...}}]")
+    texts = []
+    for j, part in enumerate(content):
+        if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif isinstance(part, dict) and part.get("type") not in (None, "text"):
+            raise ValueError(f"message {k}: content part {j} is of type {json.dumps(part['type'])}: only text parts "
+                             f"can be trained on here; drop the record or its non-text parts")
+        else:
+            raise ValueError(f"message {k}: content part {j} is {_kind(part)}; expected "
+                             f"{{\"type\": \"text\", \"text\": \"...\"}}")
+    return "".join(texts)
+
+
+def _kind(value) -> str:
+    """A JSON value named for an error line: its JSON type and a short view of it."""
+    names = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
+             list: "a list", dict: "an object"}
+    text = json.dumps(value, ensure_ascii=False)
+    return f"{names.get(type(value), type(value).__name__)} ({text[:40] + '...' if len(text) > 40 else text})"
 
 
 def _extend(pieces: list, done: str, longer: str, supervised: bool, turn: int) -> None:

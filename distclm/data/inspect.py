@@ -15,7 +15,8 @@ def inspect_command(inv) -> int:
     try:
         print("\n".join(describe(folder, reader.manifest)))
         if verify:
-            print("checksums  ok (sha256 of every shard matches the manifest)")
+            print(f"checksums  ok (sha256 of every shard matches the manifest; every id < vocab_size "
+                  f"{reader.vocab_size})")
         split = next((s for s in reader.splits.values() if len(s)), None)
         if split is not None and split.masked:
             print(f"first {split.name} block, the tokens that get loss between [[ and ]]:")

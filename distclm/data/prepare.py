@@ -234,7 +234,7 @@ def prepare(cfg: Config, progress=None) -> Prepared:
     if tok.max_length is not None and d.block_size > tok.max_length:
         raise UserError(f"--data.block_size={d.block_size} exceeds the tokenizer's maximum length {tok.max_length}")
     fmt = resolve_format(d, source_specs(cfg))
-    chat_data = ChatData(d, fmt, tok) if fmt != "text" else None
+    chat_data = ChatData(d, fmt, tok, source_specs(cfg)) if fmt != "text" else None
     s = settings(cfg, tok, chat_data)
     fp = fingerprint(s)
     state = _check_out_dir(out, fp, cfg.run.overwrite)

@@ -16,6 +16,7 @@ import numpy as np
 from distclm.data import chat, sources
 from distclm.data.blocks import VERSION_MASKED, SplitWriter
 from distclm.data.samples import COUNTERS, Renderer, SamplePacker
+from distclm.errors import UserError
 
 
 def resolve_format(d, specs) -> str:
@@ -30,17 +31,26 @@ def resolve_format(d, specs) -> str:
 class ChatData:
     """The resolved format and template of a chat / prompt_completion prepare."""
 
-    def __init__(self, d, fmt: str, tok):
+    def __init__(self, d, fmt: str, tok, specs=()):
+        """`specs`: the source streams in order ((split, SourceSpec) pairs), to name the file and line of a bad
+        record."""
         self.fmt = fmt
         specials = {"eos_token": tok.special_text(tok.eos_token_id), "bos_token": tok.bos_token}
+        label = None
         if fmt == "chat":
             self.template, self.origin = chat.resolve_template(d.chat_template, tok.chat_template())
-            tail, eot = chat.end_of_turn(self.template, specials, lambda text: tok.encode_arrays([text])[0])
+            label = chat.template_label(d, self.origin)
+            try:  # the template's first rendering: a syntax error, or one on any conversation, stops here
+                tail, eot = chat.end_of_turn(self.template, specials, lambda text: tok.encode_arrays([text])[0])
+            except chat.TemplateFailed as exc:
+                raise UserError(f"{label}: {exc}") from None
         else:
             self.template, self.origin = None, None
             tail, eot = specials["eos_token"], tok.eos_token_id
         self.end_of_turn = {"text": tail, "id": eot}
-        self.renderer = Renderer(d, fmt, self.template, specials, eot)
+        streams = [spec for _, spec in specs]
+        self.renderer = Renderer(d, fmt, self.template, specials, eot, label,
+                                 lambda position: sources.locate(streams, position))
 
     def settings(self, d) -> dict:
         """What decides the bytes beyond the text path's settings (the template by its hash)."""

@@ -28,8 +28,13 @@ COUNTERS = ("samples", "truncated", "dropped_overlong", "dropped_unsupervised", 
 class Renderer:
     """What turns one record into pieces: the format, field names, template and its special strings."""
 
-    def __init__(self, d, fmt: str, template: str | None, specials: dict, eot_id: int | None):
+    def __init__(self, d, fmt: str, template: str | None, specials: dict, eot_id: int | None,
+                 label: str | None = None, locate=None):
+        """`label`: the template as an error line names it; `locate(position)`: where record `position` is in the
+        input (`file:line`), asked only for an error."""
         self.d, self.fmt, self.template, self.specials, self.eot_id = d, fmt, template, specials, eot_id
+        self.label = label or "the chat template"
+        self.locate = locate or (lambda position: f"--data.source={d.source}, record {position}")
 
     def pieces(self, record) -> list[tuple[str, bool]]:
         d = self.d
@@ -68,8 +73,10 @@ def encode_samples(tok, renderer: Renderer, records: list, labels: list[str], fi
     for i, record in enumerate(records):
         try:
             pieces = renderer.pieces(record)
+        except chat.TemplateFailed as exc:
+            raise UserError(f"{renderer.label}: {exc} (on {renderer.locate(first + i)})") from None
         except ValueError as exc:
-            raise UserError(f"--data.source={renderer.d.source}, record {first + i}: {exc}") from None
+            raise UserError(f"{renderer.locate(first + i)}: {exc}") from None
         texts += [text for text, _ in pieces]
         supervised += [sup for _, sup in pieces]
         n_pieces.append(len(pieces))

@@ -84,39 +84,84 @@ def _open_text(path: str) -> io.TextIOBase:
     return open(path, encoding="utf-8")
 
 
+def _nonblank(fh) -> Iterator[tuple[int, str]]:
+    """(line number, line) of each line with something on it."""
+    for lineno, line in enumerate(fh, 1):
+        if line.strip():
+            yield lineno, line
+
+
+def _json_lines(path: str, lines) -> Iterator[dict]:
+    for lineno, line in lines:
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg}); "
+                            "expected one JSON object per line") from None
+
+
 def _read_jsonl(path: str) -> Iterator[dict]:
     with _open_text(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg}); "
-                                "expected one JSON object per line") from None
+        yield from _json_lines(path, _nonblank(fh))
+
+
+_NOTHING = object()
+
+
+def _json_head(fh) -> tuple[str, object]:
+    """How a .json file holds its records, from its first two non-blank lines (then rewound):
+
+        ("lines", _)        JSON Lines: an object alone on the first line and more lines after it. No single JSON
+                            document starts that way (a complete value followed by more is not JSON), so any
+                            later line that is not an object is an error with its line number, never a guess.
+        ("document", v)     one JSON document: anything else (pretty-printed with indent=0/2/..., a one-line
+                            list, a lone object); `v` is it already parsed when it was the file's only line.
+
+    An empty file is JSON Lines with no records. JSON Lines is read in one pass; a document is loaded whole."""
+    lines = _nonblank(fh)
+    head = next(lines, None)
+    value = _NOTHING
+    if head is not None and head[1].lstrip().startswith("{"):  # a record line is an object: lists are documents
+        try:
+            value = json.loads(head[1])
+        except json.JSONDecodeError:
+            pass
+    more = next(lines, None) is not None
+    fh.seek(0)
+    if head is None or (isinstance(value, dict) and more):
+        return "lines", None
+    return "document", (value if not more else _NOTHING)
 
 
 def _read_json(path: str) -> Iterator[dict]:
-    """A .json file: JSON lines, a list of records, or {"data": [...]} (loaded whole)."""
+    """A .json file: JSON Lines, or one document (_json_head decides): a list of records, an object with one list
+    of records ({"version": 1, "data": [...]}), or one record."""
     with _open_text(path) as fh:
-        head = fh.read(1 << 16)
-        fh.seek(0)
-        stripped = head.lstrip()
-        if stripped.startswith("{") and "\n{" in stripped.rstrip():
-            yield from _read_jsonl(path)  # JSON lines with a .json name
+        kind, data = _json_head(fh)
+        if kind == "lines":
+            yield from _json_lines(path, _nonblank(fh))
             return
-        try:
-            data = json.load(fh)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}: not valid JSON at line {exc.lineno} ({exc.msg})") from None
-    if isinstance(data, dict):
-        lists = [v for v in data.values() if isinstance(v, list)]
-        if len(lists) != 1:
-            raise UserError(f"{path}: expected a list of records or an object with one list of records")
-        data = lists[0]
-    if not isinstance(data, list):
-        raise UserError(f"{path}: expected a list of records")
-    yield from data
+        if data is _NOTHING:
+            try:
+                data = json.load(fh)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); expected a list of records, "
+                                f"an object holding one, or JSON Lines") from None
+    yield from _records_in(path, data)
+
+
+def _records_in(path: str, data) -> list:
+    """The records of a JSON document: a list of them; an object whose one list of objects they are (a wrapper
+    such as {"version": 1, "data": [...]}); else the object itself is the one record. A list of {role, ...}
+    objects is a conversation, not records: {"messages": [...]} alone in a file is one chat record."""
+    if isinstance(data, list):
+        return data
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a JSON {type(data).__name__}, not records; expected a list of records, an object "
+                        f"holding one, or JSON Lines")
+    lists = [v for v in data.values() if isinstance(v, list) and all(isinstance(x, dict) for x in v)
+             and not (v and all("role" in x for x in v))]
+    return lists[0] if len(lists) == 1 else [data]
 
 
 def _read_parquet(path: str) -> Iterator[dict]:
@@ -162,8 +207,37 @@ def _read_local(path: str, txt_mode: str) -> Iterator[dict]:
             yield from _read_parquet(path)
         else:
             yield from _read_txt(path, txt_mode)
-    except (OSError, EOFError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError:
+        raise UserError(_bad_utf8(path)) from None
+    except (OSError, EOFError) as exc:
         raise UserError(f"{path}: cannot read it ({type(exc).__name__}: {exc})") from None
+
+
+def _bad_utf8(path: str) -> str:
+    """`FILE:LINE: ...` for the first byte of `path` that is not UTF-8. The text reader's error has no position
+    (it decodes in buffered chunks), so the file is read again as bytes: on this error only."""
+    opener = gzip.open if path.endswith(".gz") else open
+    base, newlines, pending = 0, 0, b""  # data[0]'s offset in the (uncompressed) bytes, newlines before it
+    with opener(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            data = pending + chunk
+            try:
+                data.decode("utf-8")
+                pending, cut = b"", len(data)
+            except UnicodeDecodeError as exc:
+                if exc.reason != "unexpected end of data":  # not a character cut by the chunk's end
+                    return _utf8_line(path, base + exc.start, newlines + data.count(b"\n", 0, exc.start) + 1,
+                                      exc.reason)
+                pending, cut = data[exc.start:], exc.start
+            newlines += data.count(b"\n", 0, cut)
+            base += cut
+    return _utf8_line(path, base, newlines + 1, "the file ends inside a character")
+
+
+def _utf8_line(path: str, offset: int, line: int, reason: str) -> str:
+    where = "of the uncompressed text" if path.endswith(".gz") else ""
+    return (f"{path}:{line}: not valid UTF-8 at byte offset {offset}{' ' + where if where else ''} ({reason}); "
+            f"save the file as UTF-8")
 
 
 def _pydoc_records() -> Iterator[dict]:
@@ -214,6 +288,36 @@ def records(spec: SourceSpec) -> Iterator[dict]:
         files = local_files(spec.source)
         return (rec for f in files for rec in _read_local(f, spec.txt_mode))
     return _hub_records(spec)
+
+
+def locate(specs: list[SourceSpec], position: int) -> str:
+    """Where record `position` of these streams (read in order, each cut at its max_docs) is, for an error line:
+    FILE:LINE in JSON Lines, `FILE: record I` in a JSON document, `FILE: row I` in parquet. It reads the input
+    again up to that record: for an error only."""
+    for spec in specs:
+        for where in islice(_wheres(spec), spec.max_docs):
+            if position == 0:
+                return where
+            position -= 1
+    return f"record {position}"
+
+
+def _wheres(spec: SourceSpec) -> Iterator[str]:
+    """The location of each record of `spec`, in the order records() gives them."""
+    if spec.source == "pydoc-chat" or is_local_source(spec.source):
+        for f in ([str(PYDOC_CHAT)] if spec.source == "pydoc-chat" else local_files(spec.source)):
+            ext = _ext(f)
+            if ext == ".json":
+                with _open_text(f) as fh:
+                    ext = ".jsonl" if _json_head(fh)[0] == "lines" else ext
+            if ext == ".jsonl":
+                with _open_text(f) as fh:
+                    yield from (f"{f}:{lineno}" for lineno, _ in _nonblank(fh))
+            else:
+                unit = {".json": "record", ".parquet": "row"}.get(ext, "document")
+                yield from (f"{f}: {unit} {i}" for i, _ in enumerate(_read_local(f, spec.txt_mode)))
+    else:
+        yield from (f"--data.source={spec.source}: record {i}" for i, _ in enumerate(records(spec)))
 
 
 def extract_text(record: Any, path: str, join_with: str) -> str:

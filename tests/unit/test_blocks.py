@@ -103,10 +103,10 @@ def edit_manifest(folder: Path, **changes) -> None:
 
 @pytest.mark.parametrize("changes, message", [
     ({"version": 3}, "field 'version' is 3, but this distclm reads versions 1 and 2"),
-    ({"version": 2}, "field 'data_format' missing (a version-2 folder stores which tokens get loss)"),
+    ({"version": 2}, "data_format missing (must be one of \"chat\", \"prompt_completion\")"),
     ({"format": "something-else"}, "field 'format' is 'something-else', expected 'distclm-blocks'"),
-    ({"dtype": "float32"}, "field 'dtype' is 'float32'"),
-    ({"block_size": None}, "field 'block_size' missing"),
+    ({"dtype": "float32"}, "dtype must be one of \"uint16\", \"uint32\", found \"float32\""),
+    ({"block_size": None}, "block_size missing (must be an integer >= 2)"),
 ])
 def test_manifest_checks(damaged, changes, message):
     edit_manifest(damaged, **changes)
@@ -254,3 +254,24 @@ def test_resident_memory_flat_over_full_passes(big_prepared):
     assert growth < 1.5e6, f"RSS grew by {growth / 1e6:.1f} MB over 3 passes of {total_bytes / 1e6:.1f} MB"
     for name, seen in sums.items():  # every pass read the same, right data
         assert seen == {int(read_split(big_prepared, name).sum(dtype=np.int64))}
+
+
+def test_the_schema_names_the_field_and_takes_what_prepare_writes(pydoc_prepared, tmp_path):
+    from distclm.data.blocks import SCHEMAS
+    from distclm.data.schema import Int, Invalid, ListOf, Opt, Record, Str, check
+
+    m = manifest_of(pydoc_prepared)
+    check(SCHEMAS[m["version"]], m)  # the writer's output is what the schema describes
+    spec = Record({"a": Int(0), "b": ListOf(Record({"c": Opt(Str())}))}, {"d": Int(1, 3)})
+    check(spec, {"a": 0, "b": [{"c": None}, {"c": "x"}], "extra": "allowed"})
+    cases = [({"a": -1, "b": []}, "a must be an integer >= 0, found -1"),
+             ({"b": [{"c": 1}], "a": "x"}, 'a must be an integer >= 0, found "x"'),  # own fields before nested ones
+             ({"a": 1, "b": [{"c": "x"}, {"c": 2}]}, "b[1].c must be a string or null, found 2"),
+             ({"a": 1, "b": [{}]}, "b[0].c missing (must be a string or null)"),
+             ({"a": 1, "b": {}}, "b must be a list, found {}"),
+             ({"a": 1, "b": [], "d": 4}, "d must be an integer >= 1 and <= 3, found 4"),
+             ({"a": 1.0, "b": []}, "a must be an integer >= 0, found 1.0")]
+    for value, message in cases:
+        with pytest.raises(Invalid) as exc:
+            check(spec, value)
+        assert str(exc.value) == message
