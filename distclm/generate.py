@@ -17,8 +17,10 @@ and settings give the same text as a direct `model.generate` call.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -76,6 +78,17 @@ def generation_kwargs(gen, pad_token_id: int) -> dict:
     else:  # greedy: the model folder's sampling defaults (generation_config.json) must not apply
         kwargs.update(top_k=None, top_p=None, temperature=None)
     return kwargs
+
+
+@contextlib.contextmanager
+def chat_template_errors() -> Iterator[None]:
+    """A chat template that fails (syntax, or an error while rendering) is the user's to fix: one line."""
+    from distclm.data.chat import TemplateFailed
+
+    try:
+        yield
+    except TemplateFailed as exc:
+        raise UserError(f"--gen.chat: the model's chat template failed: {exc}") from None
 
 
 def chat_setup(tokenizer, data_dir: str | None) -> tuple[str, list[int]]:
@@ -167,8 +180,9 @@ def generate_command(inv) -> int:
         from distclm.model import load_model_tokenizer
 
         tokenizer = load_model_tokenizer(cfg.model.name, cfg.data.tokenizer)
-        chat = chat_setup(tokenizer, cfg.data.dir) if cfg.gen.chat else None
-        results = generate(model, tokenizer, prompts, cfg.gen, device, synced=engine is not None, chat=chat)
+        with chat_template_errors():
+            chat = chat_setup(tokenizer, cfg.data.dir) if cfg.gen.chat else None
+            results = generate(model, tokenizer, prompts, cfg.gen, device, synced=engine is not None, chat=chat)
     finally:
         if engine is not None:
             engine.close()

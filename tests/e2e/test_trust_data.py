@@ -379,3 +379,17 @@ def test_invalid_utf8_names_the_file_line_and_byte(cli, tmp_path, name):
     args = ["--data.txt_mode=line"] if name.endswith(".txt") else []
     line = prepare_refused(cli, tmp_path, path, *args)
     assert f"{path}:{bad_line}: not valid UTF-8 at byte offset {offset}" in line
+
+
+def test_generate_with_a_broken_model_template_is_one_line(cli, tmp_path, dropout_gpt2, hf_gpt2):
+    import copy
+
+    model = shutil.copytree(dropout_gpt2, tmp_path / "model")
+    tok = copy.deepcopy(hf_gpt2)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] + 1 }}{% endfor %}"
+    tok.save_pretrained(model)
+    before = snapshot(model)
+    line = refused(cli("generate", f"--model.name={model}", "--gen.chat=true", "--prompt", "hi",
+                       "--gen.max_new_tokens=2"), "--gen.chat: the model's chat template failed",
+                   'TypeError: can only concatenate str (not "int") to str')
+    assert line.count("\n") == 0 and snapshot(model) == before
