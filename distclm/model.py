@@ -274,6 +274,8 @@ def carried_tokenizer(name: str, reader) -> str | None:
         return None
     if data.get("identity") == IDENTITY and model_tokenizer_identity(name)[1] == data.get("sha256"):
         return None
+    if data.get("identity") == IDENTITY and data.get("sha256") == GPT2_REFERENCE["identity"]:
+        return "gpt2"  # the vendored GPT-2 by content: loaded as such (GPT2TokenizerFast, no conversion)
     return str(reader.folder / saved)
 
 

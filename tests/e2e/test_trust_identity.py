@@ -251,3 +251,26 @@ def test_allowed_mismatch_trains_and_the_export_carries_the_datas_tokenizer(tmp_
     r = run_cli("eval", f"--model.name={run}", f"--data.dir={data_a}", "--eval.max_blocks=8")
     assert r.code == 0, r.err
     assert np.isfinite(float(r.out.split("perplexity: ")[1].split()[0]))
+
+
+def test_folders_without_a_recorded_identity_keep_the_size_check_only(tmp_path, data_a):
+    """Folders prepared before the identity was recorded (no manifest tokenizer.identity, no tokenizer/) stay
+    readable: their tokenizer sha256 hashed files, so only the vocabulary size is compared, as before."""
+    import shutil
+
+    from distclm.data.blocks import BlockReader
+    from distclm.errors import UserError
+    from distclm.model import carried_tokenizer, check_same_tokenizer
+
+    old = tmp_path / "old"
+    shutil.copytree(data_a, old)
+    m = manifest_of(old)
+    m["tokenizer"] = {"name": m["tokenizer"]["name"], "sha256": "0" * 64}
+    (old / "manifest.json").write_text(json.dumps(m))
+    shutil.rmtree(old / "tokenizer")
+    check_same_tokenizer("gpt2-tiny", BlockReader(old), allow=False)
+    assert carried_tokenizer("gpt2-tiny", BlockReader(old)) is None
+    with pytest.raises(UserError, match="--data.allow_tokenizer_mismatch=true"):
+        check_same_tokenizer("gpt2-tiny", BlockReader(data_a), allow=False)
+    check_same_tokenizer("gpt2-tiny", BlockReader(data_a), allow=True)
+    assert carried_tokenizer("gpt2-tiny", BlockReader(data_a)) == str(data_a / "tokenizer")
