@@ -148,10 +148,7 @@ class Tokenizer:
 def _files_sha256(folder: Path) -> str:
     """sha256 over the tokenizer files (name + bytes), so identical files give identical ids."""
     h = hashlib.sha256()
-    names = ["vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-             *(n for n in TOKENIZER_FILES if n not in ("vocab.json", "merges.txt", "tokenizer.json",
-                                                      "tokenizer_config.json", "special_tokens_map.json"))]
-    for name in names:
+    for name in TOKENIZER_FILES:
         path = folder / name
         if path.is_file():
             h.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
