@@ -276,6 +276,13 @@ def carried_tokenizer(name: str, reader) -> str | None:
         return None
     if data.get("identity") == IDENTITY and data.get("sha256") == GPT2_REFERENCE["identity"]:
         return "gpt2"  # the vendored GPT-2 by content: loaded as such (GPT2TokenizerFast, no conversion)
+    from distclm.data.identity import folder_identity
+
+    held = folder_identity(reader.folder / saved)
+    if data.get("identity") == IDENTITY and held is not None and held != data.get("sha256"):
+        raise UserError(f"{reader.folder / saved}: its tokenizer is not the one {reader.folder / 'manifest.json'} "
+                        f"records (identity {held[:12]}, recorded {str(data.get('sha256'))[:12]}); it was changed "
+                        f"after prepare: re-run prepare with --overwrite")
     return str(reader.folder / saved)
 
 

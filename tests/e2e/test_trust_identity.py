@@ -274,3 +274,21 @@ def test_folders_without_a_recorded_identity_keep_the_size_check_only(tmp_path, 
         check_same_tokenizer("gpt2-tiny", BlockReader(data_a), allow=False)
     check_same_tokenizer("gpt2-tiny", BlockReader(data_a), allow=True)
     assert carried_tokenizer("gpt2-tiny", BlockReader(data_a)) == str(data_a / "tokenizer")
+
+
+def test_a_saved_tokenizer_edited_after_prepare_is_not_carried(cli, tmp_path, data_a):
+    import shutil
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(data_a, data)
+    state = json.loads((data / "tokenizer" / "tokenizer.json").read_text())
+    first, second = sorted(state["model"]["vocab"], key=state["model"]["vocab"].get)[1:3]
+    vocab = state["model"]["vocab"]
+    vocab[first], vocab[second] = vocab[second], vocab[first]  # two ids swapped: other meanings, same size
+    (data / "tokenizer" / "tokenizer.json").write_text(json.dumps(state))
+    before = snapshot(data)
+    line = cli("train", f"--data.dir={data}", "--model.name=gpt2-tiny", f"--run.dir={run}",
+               "--data.allow_tokenizer_mismatch=true").error_line()
+    assert line.startswith(f"distclm: error: {data / 'tokenizer'}: its tokenizer is not the one ")
+    assert line.endswith("it was changed after prepare: re-run prepare with --overwrite")
+    assert snapshot(data) == before and not run.exists()
