@@ -292,3 +292,28 @@ def test_a_saved_tokenizer_edited_after_prepare_is_not_carried(cli, tmp_path, da
     assert line.startswith(f"distclm: error: {data / 'tokenizer'}: its tokenizer is not the one ")
     assert line.endswith("it was changed after prepare: re-run prepare with --overwrite")
     assert snapshot(data) == before and not run.exists()
+
+
+def test_a_model_folder_is_compared_by_content_not_by_its_files(tmp_path, pydoc_prepared, hf_gpt2, tokenizer_a):
+    """A model folder whose tokenizer was written by save_pretrained (tokenizer.json, not the vendored vocab.json +
+    merges.txt) holds GPT-2's vocabulary: data of the vendored GPT-2 fits it. The same folder with tokenizer A does not."""
+    from transformers import PreTrainedTokenizerFast
+
+    from distclm.data.blocks import BlockReader
+    from distclm.errors import UserError
+    from distclm.model import carried_tokenizer, check_same_tokenizer, model_tokenizer_identity, preset_config
+
+    model = tmp_path / "model"
+    preset_config("gpt2-tiny").save_pretrained(str(model))
+    hf_gpt2.save_pretrained(str(model))
+    assert not (model / "vocab.json").exists() and (model / "tokenizer.json").exists()
+    reader = BlockReader(pydoc_prepared)
+    check_same_tokenizer(str(model), reader, allow=False)
+    assert carried_tokenizer(str(model), reader) is None  # the model's own tokenizer files go into the export
+
+    other = tmp_path / "other"
+    preset_config("gpt2-tiny").save_pretrained(str(other))
+    PreTrainedTokenizerFast.from_pretrained(str(tokenizer_a)).save_pretrained(str(other))
+    model_tokenizer_identity.cache_clear()
+    with pytest.raises(UserError, match=f"--model.name={other}: its tokenizer \\({other}; identity "):
+        check_same_tokenizer(str(other), reader, allow=False)
