@@ -229,6 +229,7 @@ def test_data_of_tokenizer_a_with_a_model_of_tokenizer_b_is_refused(cli, tmp_pat
     assert snapshot(data_a, tokenizer_a) == before and not run.exists()
 
 
+@pytest.mark.slow  # a training run and an eval, one process each (~30 s): make test, not test-fast
 def test_allowed_mismatch_trains_and_the_export_carries_the_datas_tokenizer(tmp_path, data_a, tokenizer_a):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
