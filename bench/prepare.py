@@ -1,9 +1,10 @@
 """Side-by-side benchmark of `distclm prepare` against the Hugging Face causal-LM tutorial's preprocessing.
 
-    python bench/prepare.py [--corpus PATH] [--repeats N] [--quick] [--chat-only]      (or `make bench`)
+    python bench/prepare.py [--corpus PATH] [--repeats N] [--quick] [--chat-only] [--identity-only]   (or `make bench`)
 
 The chat row (bench/prepare_chat.py) follows the text table: chat prepare against the text path on the same
-records of the shipped chat corpus.
+records of the shipped chat corpus. The identity row (bench/prepare_identity.py) follows it: prepare with the
+input and tokenizer identity by content against today's names-and-sizes identity, interleaved.
 
 Measured in one run, on the same corpus (default ../shared/corpora/pydocs.jsonl.gz, text field
 `answers.text` joined with " "), block size 128:
@@ -341,6 +342,19 @@ def chat_table(args, repeats: int) -> list[str]:
                          [sys.executable, "-m", "distclm.cli"], lambda: wait_quiet(args.settle) if args.settle > 0 else None)
 
 
+def identity_table(args, corpus: Path, repeats: int) -> list[str]:
+    """The identity row: prepare with identity by content vs today's (bench/prepare_identity.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from prepare_identity import identity_rows
+
+    load = OtherLoad()
+    with tempfile.TemporaryDirectory(prefix="bench-prepare-identity-") as tmp:
+        rows = identity_rows(corpus, Path(tmp), repeats, lambda out: prepare_config(corpus, out),
+                             (lambda: wait_quiet(args.settle)) if args.settle > 0 else None)
+    share = load.share()
+    return rows + ([f"Other processes took {share:.0%} of the CPUs meanwhile."] if share is not None else [])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="a .jsonl(.gz) with an answers.text field")
@@ -349,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--settle", type=float, default=30.0,
                     help="seconds to wait, at most, for other processes to go quiet before each measurement (0: never)")
     ap.add_argument("--chat-only", action="store_true", help="only the chat row (chat vs text on the chat corpus)")
+    ap.add_argument("--identity-only", action="store_true",
+                    help="only the identity row (prepare with identity by content vs today's names and sizes)")
     ap.add_argument("--tutorial-child", metavar="CORPUS", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.tutorial_child:
@@ -361,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     if not corpus.is_file():
         raise SystemExit(f"bench: --corpus {corpus}: no such file (the default lives in ../shared/corpora)")
     repeats = 1 if args.quick else max(1, args.repeats)
+    if args.identity_only:
+        print("\n".join(identity_table(args, corpus, repeats)))
+        return 0
 
     from distclm.data.tokenize import gpt2_encoding
 
@@ -396,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         torch_imported = imports_torch(corpus, work / "torch-check")
     table = report(corpus, repeats, *(summarise(runs[name]) for name in names), torch_imported, other)
     table += "\n" + "\n".join(chat_table(args, repeats)) + "\n"
+    table += "\n" + "\n".join(identity_table(args, corpus, repeats)) + "\n"
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(table, encoding="utf-8")
     print(table, end="")

@@ -11,8 +11,10 @@ loads the model partitioned (`zero.Init`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
+from distclm.data.identity import IDENTITY
 from distclm.data.tokenize import GPT2_REFERENCE
 from distclm.errors import UserError, first_line
 from distclm.hub import is_local
@@ -195,10 +197,13 @@ def _named_loss(model):
     return model
 
 
-def load_model_tokenizer(name: str, data_tokenizer: str = "gpt2"):
-    """The tokenizer that goes with the model: its own (folder/hub), else the data's (presets)."""
+def load_model_tokenizer(name: str, data_tokenizer: str = "gpt2", carried: str | None = None):
+    """The tokenizer that goes with the model: `carried` when given (the data's, see `carried_tokenizer`), else its
+    own (folder/hub), else the data's (presets)."""
     from distclm.data.tokenize import load_hf_tokenizer
 
+    if carried is not None:
+        return load_hf_tokenizer(carried)[0]
     if name in ARCH_PRESETS:
         return load_hf_tokenizer(data_tokenizer)[0]
     try:
@@ -218,6 +223,67 @@ def check_data_fits(shape: ModelShape, reader, flag: str) -> None:
         raise UserError(f"{flag}: it handles at most {shape.max_positions} positions (max_position_embeddings of its "
                         f"{shape.model_type} config) but {where} has blocks of {reader.block_size} tokens; prepare "
                         f"with --data.block_size<={shape.max_positions}")
+
+
+@lru_cache(maxsize=8)
+def model_tokenizer_identity(name: str) -> tuple[str, str | None]:
+    """(what the model's tokenizer is, its identity by content: tokenize.vocabulary_sha256). The presets' is the
+    vendored GPT-2; a folder's (a run's export or checkpoint too) is read from its files; a hub model's is loaded.
+    None: the model comes with no tokenizer that can be read, so there is nothing to compare."""
+    from distclm.data.identity import TOKENIZER_FILES, folder_identity, hf_identity
+    from distclm.data.tokenize import VENDORED_GPT2, load_hf_tokenizer
+
+    if name in ARCH_PRESETS:
+        return "gpt2, vendored: the presets' tokenizer", folder_identity(VENDORED_GPT2)
+    source = resolve_model_dir(name)
+    folder = Path(source).expanduser()
+    if is_local(source) and (ident := folder_identity(folder)) is not None:
+        return source, ident
+    if is_local(source) and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        return source, None
+    try:
+        return source, hf_identity(load_hf_tokenizer(source)[0])
+    except UserError:  # offline and not cached, or not loadable: the vocabulary size is still compared
+        return source, None
+
+
+def check_same_tokenizer(name: str, reader, allow: bool) -> None:
+    """The data's ids must mean the model tokenizer's tokens: their identities by content (vocabulary + merges, not
+    names or files) are equal, or `allow` (--data.allow_tokenizer_mismatch). Folders prepared before the identity was
+    recorded (no manifest tokenizer.identity) are compared by vocabulary size only (check_data_fits)."""
+    data = reader.manifest.get("tokenizer") or {}
+    if allow or not isinstance(data, dict) or data.get("identity") != IDENTITY:
+        return
+    what, ident = model_tokenizer_identity(name)
+    if ident is None or ident == data.get("sha256"):
+        return
+    raise UserError(f"--model.name={name}: its tokenizer ({what}; identity {ident[:12]}) is not the one "
+                    f"{reader.folder / 'manifest.json'} was tokenized with ({data.get('name')}; identity "
+                    f"{str(data.get('sha256'))[:12]}), so its ids would mean other tokens; prepare the data with the "
+                    f"model's tokenizer (--data.tokenizer), or pass --data.allow_tokenizer_mismatch=true to train on "
+                    f"it anyway (the run then carries the data's tokenizer)")
+
+
+def carried_tokenizer(name: str, reader) -> str | None:
+    """The data's saved tokenizer (DATA/tokenizer/, written by prepare) when checkpoints and the export must carry it
+    instead of the model's: a model whose tokenizer has another identity (or none). None: the model's own is the
+    data's (its files may hold more, e.g. a chat template), or the folder holds no saved tokenizer (older folders)."""
+    data = reader.manifest.get("tokenizer") or {}
+    saved = data.get("dir") if isinstance(data, dict) else None
+    if not isinstance(saved, str) or Path(saved).name != saved or not (reader.folder / saved).is_dir():
+        return None
+    if data.get("identity") == IDENTITY and model_tokenizer_identity(name)[1] == data.get("sha256"):
+        return None
+    if data.get("identity") == IDENTITY and data.get("sha256") == GPT2_REFERENCE["identity"]:
+        return "gpt2"  # the vendored GPT-2 by content: loaded as such (GPT2TokenizerFast, no conversion)
+    from distclm.data.identity import folder_identity
+
+    held = folder_identity(reader.folder / saved)
+    if data.get("identity") == IDENTITY and held is not None and held != data.get("sha256"):
+        raise UserError(f"{reader.folder / saved}: its tokenizer is not the one {reader.folder / 'manifest.json'} "
+                        f"records (identity {held[:12]}, recorded {str(data.get('sha256'))[:12]}); it was changed "
+                        f"after prepare: re-run prepare with --overwrite")
+    return str(reader.folder / saved)
 
 
 def parameter_counts(model) -> tuple[int, int]:

@@ -93,13 +93,14 @@ def open_data(cfg: Config, shape, verify: bool = True) -> tuple[list, list[float
     weights). `verify`: checksums verified the first time a run dir uses a folder (training); eval trusts them."""
     from distclm.data import mixture
     from distclm.data.blocks import BlockReader
-    from distclm.model import check_data_fits
+    from distclm.model import check_data_fits, check_same_tokenizer
 
     readers = open_data_verified(cfg) if verify else [BlockReader(d) for d in data_dirs(cfg)]
     ws = mixture.weights(cfg, len(readers))
     mixture.check_same_tokens(readers)
     for reader in readers:
         check_data_fits(shape, reader, f"--model.name={cfg.model.name}")
+        check_same_tokenizer(cfg.model.name, reader, cfg.data.allow_tokenizer_mismatch)
     return readers, ws
 
 

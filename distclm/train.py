@@ -38,6 +38,7 @@ from distclm.metrics import MetricsFile, ThroughputMeter, device_name, flops_per
 from distclm.model import (
     ModelShape,
     build_model,
+    carried_tokenizer,
     load_config,
     load_model_tokenizer,
     matmul_parameters,
@@ -70,6 +71,7 @@ class Plan:
     masked: bool = False  # chat / prompt_completion data: loss on labels only, attention within samples
     chat_template: str | None = None  # the data's, carried into the export
     predicted_bytes: int | None = None  # the plan's per-rank peak for this run (plan_cli.py), summary.json
+    tokenizer_from: str | None = None  # the data's saved tokenizer, carried into checkpoints and the export
 
     @property
     def block_size(self) -> int:
@@ -149,7 +151,8 @@ def make_plan(cfg: Config) -> Plan:
     return Plan(cfg, shape, train_blocks, evals, ws, sampler, total, identity,
                 [r.manifest["source"].get("fingerprint") for r in readers], resume_from, meta, readers[0].eos_token_id,
                 supervision.masked(readers), supervision.folder_template(readers),
-                predicted_for_run(cfg, dist.world_size(), readers[0].block_size))
+                predicted_for_run(cfg, dist.world_size(), readers[0].block_size),
+                tokenizer_from=carried_tokenizer(cfg.model.name, readers[0]))
 
 
 def build_engine(cfg: Config, plan: Plan, activity: Activity | None = None):
@@ -178,7 +181,7 @@ def build_loop(cfg: Config, plan: Plan, engine, run: RunDir, activity: Activity)
     fpt = flops_per_token(matmul_parameters(module) - inactive, shape.num_layers, shape.num_heads * shape.head_dim,
                           plan.block_size)
     peak = peak_tflops_for(device_name(engine.device), cfg.log.peak_tflops)
-    tokenizer = load_model_tokenizer(cfg.model.name, cfg.data.tokenizer)
+    tokenizer = load_model_tokenizer(cfg.model.name, cfg.data.tokenizer, plan.tokenizer_from)
     if plan.chat_template is not None:  # checkpoints and the export speak the template the model was trained on
         tokenizer.chat_template = plan.chat_template
     hf = (tokenizer, cfg.gen)

@@ -111,6 +111,9 @@ class DataConfig:
                       ("truncate", "drop"))
     allow_template_mismatch: bool = F(False, "Train although the data's chat template differs from the model "
                                              "tokenizer's own.")
+    allow_tokenizer_mismatch: bool = F(False, "Train or evaluate although the data was tokenized with another "
+                                              "tokenizer than the model's (compared by content: vocabulary and "
+                                              "merges); the run then carries the data's tokenizer.")
 
 
 @dataclass

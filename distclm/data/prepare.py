@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from collections import deque
@@ -32,6 +31,7 @@ from distclm.atomic import atomic_write, check_writable, disk_full_is_one_line
 from distclm.config import Config, num_workers, to_yaml
 from distclm.data import sources
 from distclm.data.blocks import FORMAT, MANIFEST, VERSION, SplitWriter, dump_json, read_manifest
+from distclm.data.identity import IDENTITY, changed_inputs, check_unchanged, input_identity, save_tokenizer
 from distclm.data.pack import Packer, concat_docs, token_dtype
 from distclm.data.prepare_chat import ChatData, SampleSplits, resolve_format
 from distclm.data.samples import encode_samples
@@ -39,6 +39,7 @@ from distclm.data.tokenize import Tokenizer, load_tokenizer
 from distclm.errors import UserError
 
 STATE = ".prepare-state.json"
+TOKENIZER_DIR = "tokenizer"  # the tokenizer the blocks were made with, saved in the folder (manifest tokenizer.dir)
 CHUNK_CHARS = 1 << 20  # ~1 MB of text per tokenize task: large enough to amortise, small for memory
 CHUNK_DOCS = 4096
 CHAT_CHUNK = 128  # records per chunk of chat / prompt_completion records
@@ -68,14 +69,6 @@ def source_specs(cfg: Config) -> list[tuple[str | None, sources.SourceSpec]]:
     return [("train", base), ("validation", val)]
 
 
-def _input_identity(spec: sources.SourceSpec) -> list:
-    """Local files and sizes (not mtimes or absolute paths: the manifest must not depend on them)."""
-    if spec.source in sources.EMBEDDED or not sources.is_local_source(spec.source):
-        return []
-    files = sources.local_files(spec.source)
-    return [[os.path.basename(f), os.path.getsize(f)] for f in files]
-
-
 def settings(cfg: Config, tok: Tokenizer, chat_data: ChatData | None = None) -> dict:
     """Everything that decides the output bytes; its hash is the fingerprint (a chat template by its sha256)."""
     d = cfg.data
@@ -86,9 +79,9 @@ def settings(cfg: Config, tok: Tokenizer, chat_data: ChatData | None = None) -> 
                    "text_field": d.text_field, "join_with": d.join_with, "max_docs": d.max_docs,
                    "txt_mode": d.txt_mode, "eos_between_docs": d.eos_between_docs, "val_fraction": d.val_fraction,
                    "val_docs": d.val_docs, "val_split": d.val_split, "seed": d.seed,
-                   "files": [_input_identity(spec) for _, spec in specs]},
+                   "files": [input_identity(spec) for _, spec in specs]},
         "block_size": d.block_size, "shard_blocks": d.shard_blocks,
-        "tokenizer": {"name": d.tokenizer, "sha256": tok.sha256},
+        "tokenizer": {"name": d.tokenizer, "sha256": tok.sha256, "files_sha256": tok.files_sha256},
     }
 
 
@@ -211,11 +204,13 @@ class Splits:
         return {k: w.summary(self.packers[k].dropped) for k, w in self.writers.items()}
 
 
-def save_state(out: Path, splits, fp: str, next_doc: int) -> None:
-    """After a completed shard: what a resume needs (its blocks made durable first)."""
+def save_state(out: Path, splits, fp: str, next_doc: int, files: list | None = None) -> None:
+    """After a completed shard: what a resume needs (its blocks made durable first), and the input identity it was
+    made from (to say which file changed when a resume is refused)."""
     for w in splits.writers.values():
         w.sync()
-    atomic_write(out / STATE, dump_json({"fingerprint": fp, "next_doc": next_doc, "splits": splits.state()}))
+    atomic_write(out / STATE, dump_json({"fingerprint": fp, "next_doc": next_doc, "splits": splits.state(),
+                                         "files": files}))
 
 
 def prepare(cfg: Config, progress=None) -> Prepared:
@@ -237,7 +232,7 @@ def prepare(cfg: Config, progress=None) -> Prepared:
     chat_data = ChatData(d, fmt, tok, source_specs(cfg)) if fmt != "text" else None
     s = settings(cfg, tok, chat_data)
     fp = fingerprint(s)
-    state = _check_out_dir(out, fp, cfg.run.overwrite)
+    state = _check_out_dir(out, fp, cfg.run.overwrite, s["source"]["files"])
     if state == "complete":
         return Prepared(read_manifest(out), time.perf_counter() - t0, True, tok.backend)
     out.mkdir(parents=True, exist_ok=True)
@@ -248,7 +243,9 @@ def prepare(cfg: Config, progress=None) -> Prepared:
         progress.note(f"resuming an interrupted prepare from document {start}")
     t_stream = time.perf_counter()
     splits, chunks, encode = _parts(cfg, tok, dtype, chat_data, state, start)
-    _stream(cfg, encode, chunks, splits, fp, progress)
+    _stream(cfg, encode, chunks, splits, fp, progress, s["source"]["files"])
+    check_unchanged(cfg.data.source, [spec for _, spec in source_specs(cfg)], s["source"]["files"])
+    save_tokenizer(tok, out / TOKENIZER_DIR)  # before the manifest, which publishes the folder
     manifest = {**_manifest(cfg, tok, dtype, s, fp, splits.finish()),
                 **(chat_data.manifest(d) if chat_data is not None else {})}
     atomic_write(out / MANIFEST, dump_json(manifest))
@@ -272,7 +269,7 @@ def _parts(cfg: Config, tok: Tokenizer, dtype: np.dtype, chat_data: ChatData | N
                                          chunk.end - len(chunk.texts), d.block_size, d.overlong))
 
 
-def _stream(cfg: Config, encode, chunks, splits, fp: str, progress) -> None:
+def _stream(cfg: Config, encode, chunks, splits, fp: str, progress, files: list | None = None) -> None:
     """Chunks of documents -> `encode`d in the pool (at most 2 chunks per worker in flight), packed and
     written in submission order; the resume state is saved after each completed shard."""
     d = cfg.data
@@ -284,7 +281,7 @@ def _stream(cfg: Config, encode, chunks, splits, fp: str, progress) -> None:
             while len(pending) > limit:
                 chunk, future = pending.popleft()
                 if splits.feed(future.result()):
-                    save_state(Path(d.dir), splits, fp, chunk.end)
+                    save_state(Path(d.dir), splits, fp, chunk.end, files)
                 if progress:
                     progress.update(docs=splits.docs, tokens=splits.tokens, bytes=splits.bytes)
 
@@ -315,14 +312,16 @@ def _manifest(cfg: Config, tok: Tokenizer, dtype: np.dtype, s: dict, fp: str, sp
     return {
         "format": FORMAT, "version": VERSION, "dtype": dtype.name, "block_size": d.block_size,
         "vocab_size": tok.vocab_size, "eos_token_id": tok.eos_token_id,
-        "tokenizer": {"name": d.tokenizer, "sha256": tok.sha256},
-        "source": {**{k: v for k, v in s["source"].items() if k != "files"}, "fingerprint": fp},
+        # sha256: the identity by content (tokenize.vocabulary_sha256, named by `identity`); dir: the saved copy
+        "tokenizer": {"name": d.tokenizer, "sha256": tok.sha256, "identity": IDENTITY, "dir": TOKENIZER_DIR},
+        "source": {**s["source"], "fingerprint": fp},  # files: [name, bytes, sha256] of each input, per stream
         "shard_blocks": d.shard_blocks, "splits": splits, "distclm_version": __version__,
     }
 
 
-def _check_out_dir(out: Path, fp: str, overwrite: bool):
-    """'complete' (same fingerprint, done), a resume state, or None (fresh). Refuses another fingerprint."""
+def _check_out_dir(out: Path, fp: str, overwrite: bool, files: list | None = None):
+    """'complete' (same fingerprint, done), a resume state, or None (fresh). Refuses another fingerprint: other
+    settings or other input bytes (`files`, the input identity) are never resumed or reused, never mixed."""
     manifest_path, state_path = out / MANIFEST, out / STATE
     if not out.exists():
         return None
@@ -333,11 +332,12 @@ def _check_out_dir(out: Path, fp: str, overwrite: bool):
         try:
             old = json.loads(manifest_path.read_text(encoding="utf-8"))
             old_fp = old.get("source", {}).get("fingerprint")
+            old_files = old.get("source", {}).get("files")
         except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
-            old_fp = None
+            old_fp = old_files = None
         if old_fp == fp and not overwrite:
             return "complete"
-        other = "a complete prepare of other settings"
+        other = "a complete prepare of other settings" + changed_inputs(old_files, files or [])
     elif state_path.exists():
         try:
             state = json.loads(state_path.read_text(encoding="utf-8"))
@@ -345,7 +345,7 @@ def _check_out_dir(out: Path, fp: str, overwrite: bool):
             state = {}
         if state.get("fingerprint") == fp and not overwrite:
             return state
-        other = "an interrupted prepare of other settings"
+        other = "an interrupted prepare of other settings" + changed_inputs(state.get("files"), files or [])
     if other and not overwrite:
         raise UserError(f"--data.dir={out} holds {other}; choose another --data.dir or pass --overwrite to replace it")
     _cleanup(out)
@@ -357,7 +357,7 @@ def _cleanup(out: Path) -> None:
     if not out.is_dir():
         return
     for p in out.iterdir():
-        if p.name in (MANIFEST, STATE, "prepare.yaml", MANIFEST + ".tmp", STATE + ".tmp") or \
+        if p.name in (MANIFEST, STATE, "prepare.yaml", MANIFEST + ".tmp", STATE + ".tmp", TOKENIZER_DIR) or \
                 p.name.endswith((".bin", ".bin.partial")):
             if p.is_dir():
                 shutil.rmtree(p)

@@ -9,6 +9,16 @@ its files are checked by sha256 against the ones whose HF ids on the probe text 
 (GPT2_REFERENCE), and tiktoken must give those ids; the HF tokenizer is then loaded only if
 something asks for `Tokenizer.hf`. A record that no longer matches costs speed, not correctness:
 the HF path above is taken. The unit tests compare the fast path with HF itself.
+
+A tiktoken Encoding stands in for another tokenizer only after `_proven_ranks` showed that its rank table is that
+tokenizer's merge table (every byte a token, one merge per other token, ids in merge order, GPT-2's pre-tokenizer,
+nothing that tiktoken does not do) and it gave the same ids on the probe text; anything else encodes with HF.
+
+Identity (`Tokenizer.sha256`, a manifest's `tokenizer.sha256`, compared by train and eval) is the tokenizer's content,
+not its files: `vocabulary_sha256` of the id -> token table (added tokens included) and the merges, read from
+tokenizer.json, or vocab.json + merges.txt (+ added_tokens.json). A folder written by save_pretrained and the vendored
+vocab.json + merges.txt of the same vocabulary have one identity. The fingerprint of a prepare also covers the bytes
+of the files (`files_sha256`), since a pre-tokenizer or normalizer setting changes the ids without changing the table.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from typing import Callable
 
 import numpy as np
 
+from distclm.data.identity import TOKENIZER_FILES, hf_identity
 from distclm.errors import UserError, first_line
 from distclm.hub import is_local
 
@@ -50,6 +61,7 @@ GPT2_REFERENCE = {
     "bos_token": "<|endoftext|>",  # transformers' GPT2TokenizerFast: BOS is the EOS token
     "vocab_size": 50257,
     "max_length": 1024,
+    "identity": "47baff703a8a46b3d6e6353933b71b81463d62157090ffc671591b660c7317ea",  # folder_identity of the files
 }
 
 
@@ -63,12 +75,14 @@ class Tokenizer:
 
     def __init__(self, name: str, hf, encode_batch: Callable[[list[str]], list[list[int]]], backend: str,
                  sha256: str, folder: Path | None,
-                 encode_arrays: Callable[[list[str]], list[np.ndarray]] | None = None, known: dict | None = None):
+                 encode_arrays: Callable[[list[str]], list[np.ndarray]] | None = None, known: dict | None = None,
+                 files_sha256: str | None = None):
         self.name = name
         self._hf = hf
         self.encode_batch = encode_batch
         self.backend = backend  # "tiktoken" or "hf"
-        self.sha256 = sha256
+        self.sha256 = sha256  # the identity by content (vocabulary_sha256)
+        self.files_sha256 = files_sha256 or sha256  # the bytes of its files (or the serialised tokenizer)
         self.folder = folder  # where the tokenizer files are, when they are local
         self._encode_arrays = encode_arrays
         self._known = known or {}
@@ -134,8 +148,7 @@ class Tokenizer:
 def _files_sha256(folder: Path) -> str:
     """sha256 over the tokenizer files (name + bytes), so identical files give identical ids."""
     h = hashlib.sha256()
-    names = ["vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
-    for name in names:
+    for name in TOKENIZER_FILES:
         path = folder / name
         if path.is_file():
             h.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
@@ -229,15 +242,64 @@ def _byte_ranks(vocab: dict[str, int], specials: dict[str, int]) -> dict[bytes, 
         return None
 
 
-def _tiktoken_from_hf(hf, name: str):
-    """A tiktoken Encoding with the HF tokenizer's ranks, or None when it is not GPT-2-style BPE."""
-    state = json.loads(hf.backend_tokenizer.to_str())
+def _proven_ranks(state: dict) -> tuple[dict[bytes, int], dict[str, int]] | None:
+    """(tiktoken ranks, special tokens) that drive the same merges as this tokenizer.json, or None when that is not
+    shown. No names: a general check of what tiktoken would be given against what the tokenizer holds.
+
+    tiktoken merges the adjacent pair whose concatenation has the lowest rank (ranks = ids here); HF BPE merges the
+    pair with the lowest merge index. The rank table is the merge table when: GPT-2's pre-tokenizer (ByteLevel with its
+    regex, no prefix space) and no normalizer; no dropout, affixes or byte fallback; each of the 256 bytes is a token
+    (else tiktoken panics on a byte it lacks); every other token is the result of exactly one merge; and ids grow with
+    the merge index. Added tokens become tiktoken's specials, matched exactly, so none may have strip/word rules.
+    """
     model, pre = state.get("model") or {}, state.get("pre_tokenizer") or {}
-    if model.get("type") != "BPE" or pre.get("type") != "ByteLevel":
+    if model.get("type") != "BPE" or state.get("normalizer") is not None:
         return None
-    specials = {t.content: t_id for t_id, t in hf.added_tokens_decoder.items()}
-    ranks = _byte_ranks(model["vocab"], specials)
-    return None if ranks is None else _encoding(ranks, specials, name)
+    if (pre.get("type"), pre.get("add_prefix_space"), pre.get("use_regex", True)) != ("ByteLevel", False, True):
+        return None
+    if model.get("dropout") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix") \
+            or model.get("byte_fallback"):
+        return None
+    added = state.get("added_tokens") or []
+    if any(t.get("lstrip") or t.get("rstrip") or t.get("single_word") for t in added):
+        return None
+    specials = {t["content"]: t["id"] for t in added}
+    vocab = model.get("vocab") or {}
+    if any(vocab.get(content, i) != i for content, i in specials.items()):
+        return None
+    ranks = _byte_ranks(vocab, specials)
+    if ranks is None or len(set(ranks.values())) != len(ranks) or set(ranks.values()) & set(specials.values()):
+        return None
+    if sum(1 for token in ranks if len(token) == 1) != 256:
+        return None
+    merged, last = set(), -1
+    for m in model.get("merges") or []:
+        left, right = m.split(" ", 1) if isinstance(m, str) else m
+        token = left + right
+        i = vocab.get(token)
+        if i is None or left not in vocab or right not in vocab or i <= last or token in merged \
+                or vocab[left] >= i or vocab[right] >= i:
+            return None
+        merged.add(token)
+        last = i
+    multi = sum(1 for token in ranks if len(token) > 1)
+    return (ranks, specials) if multi == len(merged) else None
+
+
+def _tiktoken_from_hf(hf, name: str):
+    """A tiktoken Encoding with the HF tokenizer's ranks, or None unless `_proven_ranks` shows they are its merges."""
+    proven = _proven_ranks(json.loads(hf.backend_tokenizer.to_str()))
+    return None if proven is None else _encoding(*proven, name)
+
+
+def _same_ids(enc, hf, text: str) -> bool:
+    """Whether tiktoken gives the HF ids on `text`; a panic of tiktoken's Rust core (a BaseException) counts as no."""
+    try:
+        return enc.encode(text, allowed_special="all") == hf(text)["input_ids"]
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException:  # noqa: BLE001 - pyo3's PanicException derives from BaseException
+        return False
 
 
 def gpt2_encoding(folder: Path = VENDORED_GPT2):
@@ -249,7 +311,7 @@ def gpt2_encoding(folder: Path = VENDORED_GPT2):
 
 
 def _tiktoken_tokenizer(spec: str, enc, hf, sha: str, folder: Path | None, num_threads: int,
-                        known: dict | None = None) -> Tokenizer:
+                        known: dict | None = None, files_sha256: str | None = None) -> Tokenizer:
     # allowed_special="all": a special token written in the text becomes its id, as HF does.
     def encode_batch(texts: list[str]) -> list[list[int]]:
         return enc.encode_batch(texts, num_threads=num_threads, allowed_special="all")
@@ -262,7 +324,7 @@ def _tiktoken_tokenizer(spec: str, enc, hf, sha: str, folder: Path | None, num_t
             return [_encode_to_numpy(enc, text, allowed) for text in texts]
 
     known = {**(known or {}), "specials": {enc.encode_single_token(s): s for s in enc.special_tokens_set}}
-    return Tokenizer(spec, hf, encode_batch, "tiktoken", sha, folder, encode_arrays, known)
+    return Tokenizer(spec, hf, encode_batch, "tiktoken", sha, folder, encode_arrays, known, files_sha256)
 
 
 def _encode_to_numpy(enc, text: str, allowed: frozenset) -> np.ndarray:
@@ -283,7 +345,9 @@ def _vendored_gpt2(num_threads: int) -> Tokenizer | None:
     if enc is None or enc.encode(PROBE_TEXT, allowed_special="all") != GPT2_REFERENCE["probe_ids"]:
         return None
     known = {k: GPT2_REFERENCE[k] for k in ("eos_token_id", "bos_token", "vocab_size", "max_length")}
-    return _tiktoken_tokenizer("gpt2", enc, None, sha, VENDORED_GPT2, num_threads, known)
+    # The files are the recorded ones (sha above), so their identity is the recorded one too.
+    return _tiktoken_tokenizer("gpt2", enc, None, GPT2_REFERENCE["identity"], VENDORED_GPT2, num_threads, known,
+                               files_sha256=sha)
 
 
 def load_tokenizer(spec: str, num_threads: int = 1, allow_fast_path: bool = True) -> Tokenizer:
@@ -295,11 +359,12 @@ def load_tokenizer(spec: str, num_threads: int = 1, allow_fast_path: bool = True
     hf, folder = load_hf_tokenizer(spec)
     if hf.eos_token_id is None:
         raise UserError(f"--data.tokenizer={spec}: the tokenizer has no EOS token, which packing needs")
-    sha = _files_sha256(folder) if folder is not None else hashlib.sha256(
+    files = _files_sha256(folder) if folder is not None else hashlib.sha256(
         hf.backend_tokenizer.to_str().encode()).hexdigest()
+    sha = hf_identity(hf)
     enc = _tiktoken_from_hf(hf, spec.replace("/", "-")) if allow_fast_path else None
-    if enc is not None and enc.encode(PROBE_TEXT, allowed_special="all") == hf(PROBE_TEXT)["input_ids"]:
-        return _tiktoken_tokenizer(spec, enc, hf, sha, folder, num_threads)
+    if enc is not None and _same_ids(enc, hf, PROBE_TEXT):
+        return _tiktoken_tokenizer(spec, enc, hf, sha, folder, num_threads, files_sha256=files)
 
     def hf_encode_batch(texts: list[str]) -> list[list[int]]:
         try:
@@ -308,7 +373,7 @@ def load_tokenizer(spec: str, num_threads: int = 1, allow_fast_path: bool = True
             encoded = hf.backend_tokenizer.encode_batch([_fix_surrogates(t) for t in texts], add_special_tokens=False)
         return [e.ids for e in encoded]
 
-    return Tokenizer(spec, hf, hf_encode_batch, "hf", sha, folder)
+    return Tokenizer(spec, hf, hf_encode_batch, "hf", sha, folder, files_sha256=files)
 
 
 def _fix_surrogates(text: str) -> str:

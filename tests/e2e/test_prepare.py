@@ -66,7 +66,7 @@ def test_manifest_follows_the_contract(pydoc_prepared, tmp_path_factory):
     # Nothing but the output: no state, no partial shards; no paths or timestamps in the manifest.
     names = {p.name for p in pydoc_prepared.iterdir()}
     shards = {sh["file"] for s in m["splits"].values() for sh in s["shards"]}
-    assert names == {"manifest.json", "prepare.yaml"} | shards
+    assert names == {"manifest.json", "prepare.yaml", "tokenizer"} | shards
     text = (pydoc_prepared / "manifest.json").read_text()
     assert str(tmp_path_factory.getbasetemp()) not in text and "num_workers" not in text
 
@@ -245,5 +245,7 @@ def test_local_folder_tokenizer_gives_the_same_ids(cli, tmp_path, hf_gpt2, pydoc
     assert {k: v for k, v in a.items() if k.endswith(".bin")} == {k: v for k, v in b.items() if k.endswith(".bin")}
     m = manifest_of(out)
     assert m["tokenizer"]["name"] == str(folder)
-    assert m["tokenizer"]["sha256"] != manifest_of(pydoc_prepared)["tokenizer"]["sha256"]
+    # Identity by content: the vendored vocab.json + merges.txt and this save_pretrained folder hold one vocabulary.
+    assert m["tokenizer"]["sha256"] == manifest_of(pydoc_prepared)["tokenizer"]["sha256"]
+    assert m["source"]["fingerprint"] != manifest_of(pydoc_prepared)["source"]["fingerprint"]  # other files
     assert (m["vocab_size"], m["eos_token_id"]) == (50257, EOS)

@@ -46,10 +46,13 @@ def read_split(folder: Path, split: str) -> np.ndarray:
 
 
 def output_bytes(folder: Path) -> dict[str, bytes]:
-    """The files that must be byte-identical across worker counts: shards + manifest (not prepare.yaml)."""
+    """The files that must be byte-identical across worker counts: shards + manifest + the saved tokenizer/ (not
+    prepare.yaml)."""
     folder = Path(folder)
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())
-            if p.name == "manifest.json" or p.suffix == ".bin"}
+    out = {p.name: p.read_bytes() for p in sorted(folder.iterdir())
+           if p.name == "manifest.json" or p.suffix == ".bin"}
+    tok = folder / "tokenizer"
+    return out | ({f"tokenizer/{p.name}": p.read_bytes() for p in sorted(tok.iterdir())} if tok.is_dir() else {})
 
 
 def encode_all(hf, texts: list[str]) -> list[list[int]]:

@@ -172,7 +172,7 @@ def test_reader_block_access_is_one_read(pydoc_prepared, monkeypatch):
 
 def test_reader_leaves_the_folder_untouched(pydoc_prepared):
     def snapshot():
-        return {p.name: (p.stat().st_mtime_ns, sha256(p)) for p in pydoc_prepared.iterdir()}
+        return {str(p): (p.stat().st_mtime_ns, sha256(p)) for p in pydoc_prepared.rglob("*") if p.is_file()}
 
     before = snapshot()
     reader = BlockReader(pydoc_prepared, verify=True)

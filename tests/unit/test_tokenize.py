@@ -54,10 +54,13 @@ def test_local_folder_tokenizer(tmp_path, hf_gpt2, gpt2):
     assert local.encode_batch(["Hello world", " the"]) == [[15496, 995], [262]]
     assert (local.eos_token_id, local.vocab_size, local.max_length) == (50256, 50257, 1024)
     assert local.encode_batch(pydoc_texts()[:20]) == gpt2.encode_batch(pydoc_texts()[:20])
-    # Its identity is the sha256 of its own files: saving again gives the same, editing them changes it.
-    assert local.sha256 == load_tokenizer(str(folder)).sha256
+    # Its identity is its content (vocabulary + merges): the vendored GPT-2's, whatever files hold it. The bytes of
+    # its files (part of a prepare's fingerprint) are another hash: editing a file changes that one only.
+    assert local.sha256 == gpt2.sha256 == load_tokenizer("gpt2", allow_fast_path=False).sha256
+    assert local.files_sha256 != gpt2.files_sha256
     (folder / "tokenizer_config.json").write_text((folder / "tokenizer_config.json").read_text() + "\n")
-    assert load_tokenizer(str(folder)).sha256 != local.sha256
+    edited = load_tokenizer(str(folder))
+    assert edited.sha256 == local.sha256 and edited.files_sha256 != local.files_sha256
 
 
 def test_hub_id_offline_is_one_clear_error():
@@ -110,7 +113,7 @@ def test_recorded_gpt2_reference_matches_the_hf_tokenizer():
 
     hf = load_tokenizer("gpt2", allow_fast_path=False)
     assert hf.backend == "hf"
-    assert hf.sha256 == GPT2_REFERENCE["sha256"]
+    assert hf.files_sha256 == GPT2_REFERENCE["sha256"] and hf.sha256 == GPT2_REFERENCE["identity"]
     assert hf.hf(PROBE_TEXT)["input_ids"] == GPT2_REFERENCE["probe_ids"]
     assert (hf.eos_token_id, hf.vocab_size, hf.max_length) == (
         GPT2_REFERENCE["eos_token_id"], GPT2_REFERENCE["vocab_size"], GPT2_REFERENCE["max_length"])
