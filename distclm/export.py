@@ -13,13 +13,14 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from distclm import dist
+from distclm import dist, hub_push, model_card
 from distclm.atomic import atomic_dir, fresh_dir, publish_dir
 from distclm.checkpoint import complete_checkpoints
 from distclm.errors import UserError
 from distclm.hf_folder import check_full_weights, lazy_shard_tensors, write_weights
 
 
+@model_card.carded  # every export gets its README.md (distclm/model_card.py)
 def export_run(run_dir: Path, out: Path | None = None, engine=None) -> Path:
     """The newest complete checkpoint as a Hugging Face folder in RUN/export (or `out`), atomically.
 
@@ -109,4 +110,5 @@ def export_command(inv) -> int:
         raise UserError(f"export: {run_dir}: no such run dir")
     out = export_run(Path(run_dir), inv.extras.get("out"))
     print(f"exported {run_dir} -> {out} (load it with transformers.pipeline('text-generation', model='{out}'))")
+    hub_push.push_export(inv.cfg, run_dir, out)  # --hub.repo_id: push it (distclm/hub_push.py)
     return 0

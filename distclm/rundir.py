@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from distclm import model_card
 from distclm.atomic import atomic_write
 from distclm.config import Config, to_yaml
 from distclm.errors import UserError
@@ -64,6 +65,7 @@ def claim_run_dir(cfg: Config, engine, data_fingerprints: list[str]) -> RunDir:
         if engine.ds_config is not None:
             atomic_write(run.path / "ds_config.json", (json.dumps(engine.ds_config, indent=2) + "\n").encode())
         atomic_write(run.path / VERIFIED, (json.dumps({"fingerprints": data_fingerprints}) + "\n").encode())
+        model_card.record_launch(run.path, engine)  # RUN/launch.json: the card's command, world, hardware
     engine.barrier()
     check_launch(run.path)
     return run
