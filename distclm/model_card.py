@@ -123,8 +123,8 @@ def _config(run_dir: Path) -> dict:
         return {}
 
 
-def eval_records(run_dir: Path) -> list[dict]:
-    """The eval records of RUN/metrics.jsonl, one per step (the last record of a step counts), by step."""
+def records(run_dir: Path, kind: str) -> list[dict]:
+    """The `kind` records (train | eval) of RUN/metrics.jsonl, one per step (the last record of a step counts)."""
     by_step = {}
     try:
         lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
@@ -135,7 +135,7 @@ def eval_records(run_dir: Path) -> list[dict]:
             rec = json.loads(line)
         except ValueError:
             continue
-        if rec.get("type") == "eval":
+        if rec.get("type") == kind:
             by_step[rec["step"]] = rec
     return [by_step[s] for s in sorted(by_step)]
 
@@ -189,10 +189,10 @@ def render(run_dir: Path, folder: Path, adapter: bool = False) -> str:
 
     from distclm.checkpoint import complete_checkpoints
 
-    cfg, launch, summary = _config(run_dir), _json(run_dir / LAUNCH), _json(run_dir / "summary.json")
+    cfg, launch = _config(run_dir), _json(run_dir / LAUNCH)
     found = complete_checkpoints(run_dir)
     meta = _json(found[-1] / "meta.json") if found else {}
-    manifests, evals = _manifests(cfg), eval_records(run_dir)
+    manifests, evals, trains = _manifests(cfg), records(run_dir, "eval"), records(run_dir, "train")
     model, train, lora = cfg.get("model") or {}, cfg.get("train") or {}, cfg.get("lora") or {}
     base = _hub_id(model.get("name"))
     datasets = sorted({s for m in manifests for s in [_hub_id((m.get("source") or {}).get("source"))]
@@ -218,8 +218,8 @@ def render(run_dir: Path, folder: Path, adapter: bool = False) -> str:
         lines += ["License: not recorded (the base model's card is not on this machine): set `--hub.license` or "
                   "add `license:` to this card's metadata before sharing.", ""]
     lines += _data_section(manifests, cfg)
-    lines += _results_section(evals, summary, meta)
-    lines += _setup_section(train, meta, launch, summary)
+    lines += _results_section(evals, trains[-1] if trains else {}, meta)
+    lines += _setup_section(train, meta, launch)
     trained = {k: cfg[k] for k in ("model", "data", "lora", "train", "eval") if k in cfg}
     if not lora.get("r"):
         trained.pop("lora", None)
@@ -266,13 +266,14 @@ def _data_section(manifests: list[dict], cfg: dict) -> list[str]:
     return lines
 
 
-def _results_section(evals: list[dict], summary: dict, meta: dict) -> list[str]:
+def _results_section(evals: list[dict], last: dict, meta: dict) -> list[str]:
+    """Every eval of the run, and its last logged training loss (from metrics.jsonl: the same card whenever and
+    wherever the run is exported)."""
     lines = ["## Results", ""]
-    if summary.get("final_loss") is not None:
-        lines += [f"Trained {summary.get('steps')} optimizer steps ({summary.get('tokens')} tokens in the last "
-                  f"launch); final training loss {summary['final_loss']:.4f}.", ""]
-    elif meta.get("step"):
-        lines += [f"Trained {meta['step']} optimizer steps.", ""]
+    if meta.get("step"):
+        lines += [f"Trained {meta['step']} optimizer steps ({meta.get('samples_consumed')} blocks)"
+                  + (f"; training loss {last['loss']:.4f} at step {last['step']}." if last.get("loss") is not None
+                     else "."), ""]
     if not evals:
         return lines + ["No evaluation was recorded (RUN/metrics.jsonl holds no eval record).", ""]
     keys = [k for k in evals[-1] if k.startswith("eval_") and isinstance(evals[-1][k], (int, float))]
@@ -289,8 +290,8 @@ def _num(x) -> str:
     return f"{x:.4f}" if isinstance(x, float) else str(x)
 
 
-def _setup_section(train: dict, meta: dict, launch: dict, summary: dict) -> list[str]:
-    world = meta.get("world_size") or launch.get("world_size") or summary.get("world_size")
+def _setup_section(train: dict, meta: dict, launch: dict) -> list[str]:
+    world = meta.get("world_size") or launch.get("world_size")
     lines = ["## Training setup", "",
              f"- strategy: {meta.get('strategy') or train.get('strategy')}"
              + (f", offload {train['offload']}" if train.get("offload") not in (None, "none") else "")
