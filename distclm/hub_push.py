@@ -67,8 +67,8 @@ def check_can_push(folder: Path) -> None:
                          f"machine that reaches the Hub; {stays}")
     if not _reachable(endpoint()):
         raise PushFailed(f"push failed: the Hugging Face Hub ({endpoint()}) is not reachable from here; push from a "
-                         f"machine that reaches it (distclm export RUN --hub.repo_id=...), or set HF_HUB_OFFLINE=1 "
-                         f"to skip hub access; {stays}")
+                         f"machine that reaches it with `distclm export RUN --hub.repo_id=...` (where there is no "
+                         f"network, HF_HUB_OFFLINE=1 makes this refusal immediate); {stays}")
     if not get_token():
         raise PushFailed(f"push refused: no Hugging Face token; {LOGIN}; {stays}")
 
