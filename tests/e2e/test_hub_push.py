@@ -117,6 +117,28 @@ def test_adapter_only_pushes_the_adapter_and_its_card(trained, home, tmp_path):
     assert json.loads(commit["files"]["adapter_config.json"])["r"] == 4
 
 
+def test_training_on_2_processes_pushes_once_from_rank_0(shared, home, tmp_path, pydoc_blocks):
+    from tests.support.runs import SHARED
+
+    run = tmp_path / "ddp"
+    shutil.copytree(shared.get("launch-torchrun-ddp"), run)
+    nproc, args = SHARED["launch-torchrun-ddp"]
+    with HubStandIn() as hub:  # the run is complete: training exports again, then rank 0 alone pushes
+        run_cli("train", f"--data.dir={pydoc_blocks}", "--model.name=gpt2-tiny", f"--run.dir={run}", *args,
+                "--train.push_to_hub=true", "--hub.repo_id=someone/ddp", nproc=nproc, env=hub_env(hub, home),
+                check=True)
+    assert len(hub.repos) == 1 and len(hub.commits) == 1
+    assert pushed(hub.commits[0]) == files_of(run / "export")
+    card = hub.commits[0]["files"]["README.md"].decode()
+    assert "- strategy: ddp; world size 2 (1 node(s) x 2), launched by torchrun" in card, card[card.find("## Training setup"):][:300]
+
+
+def test_hub_settings_without_a_repo_id_are_one_line(shared, home, tmp_path):
+    run = shared.get("equiv-1proc")
+    line = run_cli("export", run, "--out", tmp_path / "e", "--hub.private=true", env=hub_env(None, home)).error_line()
+    assert "--hub.repo_id=USER/NAME" in line
+
+
 def test_adapter_only_without_an_adapter_is_one_line(shared, home, tmp_path):
     run = shared.get("equiv-1proc")
     with HubStandIn() as hub:
@@ -245,13 +267,3 @@ def test_every_export_has_a_card_also_out_and_not_lora(shared, tmp_path):
     last = read_metrics(run, "eval")[6]
     assert f"| 6 | " in text and f"{last['eval_perplexity']:.4f}" in text and "This folder holds the model." in text
 
-
-def test_scrub_and_hub_ids(monkeypatch, tmp_path):
-    from distclm import model_card
-
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.setenv("SOME_API_TOKEN", "abcdefgh12345678")
-    text = model_card.scrub(f"{tmp_path}/runs/x abcdefgh12345678 hf_{'a1' * 12} {tmp_path}x")
-    assert text == f"~/runs/x <redacted> <redacted> {tmp_path}x"
-    assert model_card._hub_id("distilgpt2") == "distilgpt2" and model_card._hub_id("org/model") == "org/model"
-    assert model_card._hub_id("gpt2-tiny") is None and model_card._hub_id(str(tmp_path)) is None
