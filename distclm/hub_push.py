@@ -97,7 +97,7 @@ def push(folder: Path, hub, step: int | None = None) -> str:
                                  ignore_patterns=None if hub.adapter_only else [f"{ADAPTER}/*"])
     except HfHubHTTPError as exc:
         raise PushFailed(_http_refusal(exc, hub.repo_id, folder)) from None
-    except (OSError, ValueError) as exc:  # connection dropped mid-way, a malformed answer
+    except Exception as exc:  # noqa: BLE001 - a connection dropped mid-way (httpx), a malformed answer: one line
         raise PushFailed(f"push to {hub.repo_id} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}; "
                          f"the export stays in {folder}") from None
     return info.commit_url if hasattr(info, "commit_url") else str(info)
@@ -121,18 +121,31 @@ def push_export(cfg, run_dir, folder: Path) -> None:
     print(f"pushed {folder} to {cfg.hub.repo_id}: {push(folder, cfg.hub, _step(run_dir))}")
 
 
+def before_training(cfg) -> None:
+    """--train.push_to_hub=true, before training starts: no --hub.repo_id is refused (it costs nothing now); a push
+    that could not work (offline, unreachable, no token) is a warning on rank 0, hours before the push fails."""
+    if not cfg.train.push_to_hub:
+        return
+    if not cfg.hub.repo_id:
+        raise UserError("--train.push_to_hub=true needs --hub.repo_id=USER/NAME (the Hub repo to push the export to)")
+    if dist.is_rank0():
+        try:
+            check_can_push(Path("RUN/export"))
+        except PushFailed as exc:
+            print(f"distclm: warning: --train.push_to_hub=true: {str(exc).split('; the export stays')[0]}; training "
+                  f"goes on, and its push at the end will fail the same way unless that is fixed", file=sys.stderr)
+
+
 def after_training(cfg, run_dir: str | None) -> None:
     """--train.push_to_hub=true, on rank 0 after training: push RUN/export, or warn (training's result stands)."""
     if not cfg.train.push_to_hub or not dist.is_rank0() or not run_dir:
         return
     folder = Path(run_dir) / "export"
     try:
-        if not cfg.hub.repo_id:
-            raise PushFailed("--train.push_to_hub=true needs --hub.repo_id=USER/NAME")
         print(f"pushed {folder} to {cfg.hub.repo_id}: {push(folder, cfg.hub, _step(run_dir))}")
     except PushFailed as exc:
         print(f"distclm: warning: {exc}; training is complete: push it later with "
-              f"`distclm export {run_dir} --hub.repo_id={cfg.hub.repo_id or 'USER/NAME'}`", file=sys.stderr)
+              f"`distclm export {run_dir} --hub.repo_id={cfg.hub.repo_id}`", file=sys.stderr)
 
 
 def _step(run_dir) -> int | None:

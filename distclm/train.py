@@ -281,6 +281,7 @@ def train_command(inv) -> int:
     """`distclm train`: 0 done; 143 stopped by SIGTERM after saving (retryable under Kubernetes restart policies);
     1 stopped on non-finite losses. A detected hang never returns here: the watchdog thread names it, dumps stacks
     and exits 75 (distclm.watchdog.HANG_EXIT, EX_TEMPFAIL: retry from the newest checkpoint; docs/hangs.md)."""
+    hub_push.before_training(inv.cfg)  # --train.push_to_hub: refused now without --hub.repo_id, warned if it cannot work
     try:
         summary = train(inv.cfg)
     except Preempted as exc:

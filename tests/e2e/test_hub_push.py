@@ -206,8 +206,10 @@ def test_a_failed_push_after_training_warns_and_training_exits_0(trained, home, 
     result = run_cli("train", f"--data.dir={pydoc_blocks}", f"--run.dir={again}", *TRAIN, "--train.push_to_hub=true",
                      "--hub.repo_id=someone/tiny-lora", env=env)
     assert result.code == 0, result.err
-    (warning,) = [line for line in result.err.splitlines() if line.startswith("distclm: warning:")]
-    assert "HF_HUB_OFFLINE" in warning and f"distclm export {again} --hub.repo_id=someone/tiny-lora" in warning
+    # warned before training starts, and after it, with the command that pushes later
+    before, after = [line for line in result.err.splitlines() if line.startswith("distclm: warning:")]
+    assert before.startswith("distclm: warning: --train.push_to_hub=true: push refused: HF_HUB_OFFLINE is set")
+    assert "HF_HUB_OFFLINE" in after and f"distclm export {again} --hub.repo_id=someone/tiny-lora" in after
     # the export as it was (its card is written again, naming this launch's command)
     assert {k: v for k, v in files_of(again / "export").items() if not k.endswith("README.md")} == before
     assert (again / "export" / "README.md").exists()
