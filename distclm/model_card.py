@@ -79,10 +79,28 @@ def record_launch(run_dir: Path, engine) -> None:
     launcher = "torchrun" if os.environ.get("TORCHELASTIC_RUN_ID") else \
         "deepspeed/accelerate" if os.environ.get("LOCAL_RANK") else None
     record = {"argv": [scrub(a) for a in ["distclm", *sys.argv[1:]]], "launcher": launcher,
+              "launcher_argv": [scrub(a) for a in launcher_argv()] or None,
               "world_size": engine.world, "nodes": int(os.environ.get("GROUP_WORLD_SIZE") or 0) or None,
               "procs_per_node": int(os.environ.get("LOCAL_WORLD_SIZE") or 1),
               "hardware": hardware(engine.device), "versions": versions()}
     atomic_write(run_dir / LAUNCH, (json.dumps(record, indent=2) + "\n").encode())
+
+
+def launcher_argv() -> list[str]:
+    """The torchrun command line that started this rank (its parent's, read from /proc), else []."""
+    if not os.environ.get("TORCHELASTIC_RUN_ID"):
+        return []
+    try:
+        words = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+    words = [w for w in words if w]
+    head = " ".join(words[:3])
+    if "torchrun" not in head and "torch.distributed.run" not in head:
+        return []
+    if words and Path(words[0]).name.startswith("python"):  # the interpreter's path says nothing about the run
+        words[0] = "python"
+    return words
 
 
 def carded(export_run):
@@ -302,7 +320,9 @@ def _setup_section(train: dict, meta: dict, launch: dict) -> list[str]:
              f"- hardware: {launch.get('hardware') or 'not recorded'}"]
     if launch.get("versions"):
         lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in launch["versions"].items()))
-    if launch.get("argv"):
+    if launch.get("launcher_argv"):
+        lines += ["", "The command (on each node):", "", "```bash", shlex.join(launch["launcher_argv"]), "```"]
+    elif launch.get("argv"):
         lines += ["", "The command (as distclm received it; under a launcher, on each rank):", "", "```bash",
                   shlex.join(launch["argv"]), "```"]
     return lines + [""]

@@ -131,6 +131,7 @@ def test_training_on_2_processes_pushes_once_from_rank_0(shared, home, tmp_path,
     assert pushed(hub.commits[0]) == files_of(run / "export")
     card = hub.commits[0]["files"]["README.md"].decode()
     assert "- strategy: ddp; world size 2 (1 node(s) x 2), launched by torchrun" in card, card[card.find("## Training setup"):][:300]
+    assert "python -m torch.distributed.run --nproc_per_node 2 " in card and " -m distclm.cli train --data.dir=" in card
 
 
 def test_hub_settings_without_a_repo_id_are_one_line(shared, home, tmp_path):
@@ -207,9 +208,9 @@ def test_a_failed_push_after_training_warns_and_training_exits_0(trained, home, 
                      "--hub.repo_id=someone/tiny-lora", env=env)
     assert result.code == 0, result.err
     # warned before training starts, and after it, with the command that pushes later
-    before, after = [line for line in result.err.splitlines() if line.startswith("distclm: warning:")]
-    assert before.startswith("distclm: warning: --train.push_to_hub=true: push refused: HF_HUB_OFFLINE is set")
-    assert "HF_HUB_OFFLINE" in after and f"distclm export {again} --hub.repo_id=someone/tiny-lora" in after
+    at_start, at_end = [line for line in result.err.splitlines() if line.startswith("distclm: warning:")]
+    assert at_start.startswith("distclm: warning: --train.push_to_hub=true: push refused: HF_HUB_OFFLINE is set")
+    assert "HF_HUB_OFFLINE" in at_end and f"distclm export {again} --hub.repo_id=someone/tiny-lora" in at_end
     # the export as it was (its card is written again, naming this launch's command)
     assert {k: v for k, v in files_of(again / "export").items() if not k.endswith("README.md")} == before
     assert (again / "export" / "README.md").exists()
