@@ -113,8 +113,8 @@ class TrainConfig:
     hang_timeout_s: float = F(120.0, "Seconds a rank may wait in a collective for ranks that do not arrive before "
                                      "the live ranks name them (host, phase, step), dump their stacks to "
                                      "RUN/hang-rank{R}.txt and exit 75 (0 = off; docs/hangs.md).")
-    push_to_hub: bool = F(False, "After training and its export, push RUN/export to --hub.repo_id (rank 0); a failed "
-                                 "push warns and keeps exit 0 (docs/hub.md).")
+    push_to_hub: bool = F(False, "After training and its export, push RUN/export to --hub.repo_id (rank 0, after the "
+                                 "process group is closed); a failed push warns and keeps exit 0 (docs/hub.md).")
 
 
 @dataclass
@@ -182,10 +182,11 @@ class HubConfig:
                                      "export RUN --hub.repo_id=...`, or --train.push_to_hub=true); token: HF_TOKEN "
                                      "or `hf auth login`.")
     private: bool = F(False, "Create the repo private (an existing repo keeps its visibility).")
-    revision: Optional[str] = F(None, "Branch to push to (created from main when missing); default: main.")
-    commit_message: Optional[str] = F(None, "Commit message of the push (default: 'distclm export of RUN at step N').")
-    adapter_only: bool = F(False, "A LoRA run: push export/adapter/ alone instead of the merged model.")
-    license: Optional[str] = F(None, "License id for the model card (e.g. apache-2.0); default: the base model's, "
+    revision: Optional[str] = F(None, "Branch to push to, created from main when missing (none: main).")
+    commit_message: Optional[str] = F(None, "Commit message of the push (none: 'distclm export at step N').")
+    adapter_only: bool = F(False, "A LoRA run: push export/adapter/ (the adapter and its card) alone instead of the "
+                                  "merged model.")
+    license: Optional[str] = F(None, "License id for the model card (e.g. apache-2.0); none: the base model's, "
                                      "when its card is on this machine.")
 
 
