@@ -268,5 +268,5 @@ def test_every_export_has_a_card_also_out_and_not_lora(shared, tmp_path):
         assert meta["library_name"] == "distclm" and "lora" not in meta["tags"]
     text = (out / "README.md").read_text()
     last = read_metrics(run, "eval")[6]
-    assert f"| 6 | " in text and f"{last['eval_perplexity']:.4f}" in text and "This folder holds the model." in text
+    assert "| 6 | " in text and f"{last['eval_perplexity']:.4f}" in text and "This folder holds the model." in text
 

@@ -3,8 +3,8 @@
 The prepare Job tokenizes onto the shared claim; the Indexed Job's two pods train, checkpoint, are stopped
 (SIGTERM, as an eviction does: distclm saves and exits 143) and a second play of the same pods resumes to
 the end; the PyTorchJob's master and worker pods train and checkpoint; the TrainJob's two pods (Kubeflow Trainer
-v2: its ClusterTrainingRuntime's pod, as JobSet creates it) are stopped and resumed as the Indexed Job's are. The changes to the manifests are
-printed in three lists (kube_pods.py): what Kubernetes adds, where podman differs, the CPU scale-down.
+v2: its ClusterTrainingRuntime's pod, as JobSet creates it) are stopped and resumed as the Indexed Job's are.
+The changes to the manifests are printed in three lists (kube_pods.py): what Kubernetes adds, where podman differs, the CPU scale-down.
 """
 
 from __future__ import annotations
