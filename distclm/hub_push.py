@@ -128,6 +128,9 @@ def before_training(cfg) -> None:
         return
     if not cfg.hub.repo_id:
         raise UserError("--train.push_to_hub=true needs --hub.repo_id=USER/NAME (the Hub repo to push the export to)")
+    if cfg.hub.adapter_only and not cfg.lora.r:
+        raise UserError("--hub.adapter_only=true needs a LoRA run (--lora.r > 0): without one the export has no "
+                        "adapter; drop --hub.adapter_only to push the whole model")
     if dist.is_rank0():
         try:
             check_can_push(Path("RUN/export"))

@@ -21,6 +21,8 @@ def cfg(**flags):
 def test_push_to_hub_without_a_repo_is_refused_before_training():
     with pytest.raises(UserError, match=r"--train.push_to_hub=true needs --hub.repo_id=USER/NAME"):
         hub_push.before_training(cfg(**{"train.push_to_hub": "true"}))
+    with pytest.raises(UserError, match=r"--hub.adapter_only=true needs a LoRA run \(--lora.r > 0\)"):
+        hub_push.before_training(cfg(**{"train.push_to_hub": "true", "hub.repo_id": "me/x", "hub.adapter_only": "true"}))
     hub_push.before_training(cfg())  # no push asked: nothing to say
 
 
