@@ -14,13 +14,14 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from distclm import dist
+from distclm import dist, hub_push, model_card
 from distclm.atomic import atomic_dir, check_writable, disk_full_is_one_line, fresh_dir, publish_dir
 from distclm.checkpoint import complete_checkpoints
 from distclm.errors import UserError
 from distclm.hf_folder import check_full_weights, lazy_shard_tensors, write_weights
 
 
+@model_card.carded  # every export gets its README.md (distclm/model_card.py)
 def export_run(run_dir: Path, out: Path | None = None, engine=None) -> Path:
     """The newest complete checkpoint as a Hugging Face folder in RUN/export (or `out`), atomically.
 
@@ -137,4 +138,5 @@ def export_command(inv) -> int:
     check_writable(out, "--out", beside=True)
     out = export_run(Path(run_dir), out)
     print(f"exported {run_dir} -> {out} (load it with transformers.pipeline('text-generation', model='{out}'))")
+    hub_push.push_export(inv.cfg, run_dir, out)  # --hub.repo_id: push it (distclm/hub_push.py)
     return 0

@@ -182,13 +182,26 @@ def generate_command(inv) -> int:
         tokenizer = load_model_tokenizer(cfg.model.name, cfg.data.tokenizer)
         with chat_template_errors():
             chat = chat_setup(tokenizer, cfg.data.dir) if cfg.gen.chat else None
+            if chat is None and dist.is_rank0():
+                chat_hint(tokenizer)
             results = generate(model, tokenizer, prompts, cfg.gen, device, synced=engine is not None, chat=chat)
     finally:
         if engine is not None:
             engine.close()
     if dist.is_rank0():
-        print_samples(prompts, results)
+        print_samples(prompts, results, chat=chat is not None)
     return 0
+
+
+def chat_hint(tokenizer) -> None:
+    """A model with a chat template (a chat-trained run's export carries its template) continues raw text when
+    --gen.chat is off: say that the chat mode exists."""
+    from distclm.data import chat
+
+    if chat.own_template(tokenizer) is not None:
+        print("distclm: note: this model has a chat template (a chat-trained model?): --gen.chat=true renders the "
+              "prompt as a user turn and prints only the answer; without it the prompt is continued as plain text",
+              file=sys.stderr)
 
 
 def _partitioned(cfg):
@@ -202,11 +215,27 @@ def _partitioned(cfg):
     return engine.module, engine.device, engine
 
 
-def print_samples(prompts: list[str], results: list[list[str]]) -> None:
+def empty_answer(text: str) -> str | None:
+    """Why a chat answer has nothing to print (None when it has)."""
+    if not text:
+        return "the model ended its answer at once (0 new tokens)"
+    if not text.strip():
+        return f"the model's answer is only whitespace ({len(text)} characters: {text!r})"
+    return None
+
+
+def print_samples(prompts: list[str], results: list[list[str]], chat: bool = False) -> None:
+    """Each sample on stdout; with --gen.chat an empty or whitespace-only answer is said on stderr instead of a
+    blank line."""
     for samples in results:
         for i, text in enumerate(samples):
             if len(samples) > 1:
                 print(f"--- sample {i + 1}/{len(samples)}")
-            print(text)
+            why = empty_answer(text) if chat else None
+            if why is not None:
+                sys.stdout.flush()
+                print(f"distclm: note: {why}", file=sys.stderr)
+            else:
+                print(text)
         if len(prompts) > 1:
             print()

@@ -5,6 +5,7 @@ it, and what it holds.
     RUN/ds_config.json       resolved DeepSpeed config    RUN/summary.json      wall time, tokens, final loss
     RUN/checkpoints/step-N/  COMPLETE marker last         RUN/curves.png        loss and tokens/s against step
     RUN/export/              Hugging Face folder          RUN/block_ids-rank{R}.txt   with --log.block_ids=true
+    RUN/export/README.md     the model card               RUN/launch.json       the card's command, world, hardware
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from distclm import model_card
 from distclm.atomic import atomic_write
 from distclm.config import Config, to_yaml
 from distclm.errors import UserError
@@ -64,6 +66,7 @@ def claim_run_dir(cfg: Config, engine, data_fingerprints: list[str]) -> RunDir:
         if engine.ds_config is not None:
             atomic_write(run.path / "ds_config.json", (json.dumps(engine.ds_config, indent=2) + "\n").encode())
         atomic_write(run.path / VERIFIED, (json.dumps({"fingerprints": data_fingerprints}) + "\n").encode())
+        model_card.record_launch(run.path, engine)  # RUN/launch.json: the card's command, world, hardware
     engine.barrier()
     check_launch(run.path)
     return run

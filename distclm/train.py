@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from distclm import dist
+from distclm import dist, hub_push
 from distclm.activity import Activity, attach_ddp, clock_for, instrumented
 from distclm.atomic import check_writable
 from distclm.checkpoint import check_compatible, find_resume, load_checkpoint, needs_universal, read_meta
@@ -230,7 +230,7 @@ def finish(loop: Loop, summary: dict) -> dict:
     loop.console.print(f"done: {summary['steps']} steps, final loss {final}, {summary['tokens_per_s']:.0f} "
                        f"tokens/s, run dir {loop.run.path}; per-rank peak memory {gb(memory['peak_bytes'])}, "
                        f"planned {gb(memory['predicted_bytes'] or 0)}")
-    return summary
+    return {**summary, "run_dir": str(loop.run.path)}  # for the push after training (not in summary.json)
 
 
 def already_done(loop: Loop) -> dict:
@@ -238,7 +238,8 @@ def already_done(loop: Loop) -> dict:
     loop.console.print(f"{loop.run.path} is already complete at step {loop.start_step}; nothing to train "
                        f"(another --run.dir, or --run.resume=none to start over)")
     summary = loop.run.path / "summary.json"
-    return json.loads(summary.read_text()) if summary.exists() else {"steps": loop.start_step}
+    return {**(json.loads(summary.read_text()) if summary.exists() else {"steps": loop.start_step}),
+            "run_dir": str(loop.run.path)}
 
 
 def train(cfg: Config) -> dict:
@@ -285,12 +286,14 @@ def train_command(inv) -> int:
     """`distclm train`: 0 done; 143 stopped by SIGTERM after saving (retryable under Kubernetes restart policies);
     1 stopped on non-finite losses. A detected hang never returns here: the watchdog thread names it, dumps stacks
     and exits 75 (distclm.watchdog.HANG_EXIT, EX_TEMPFAIL: retry from the newest checkpoint; docs/hangs.md)."""
+    hub_push.before_training(inv.cfg)  # --train.push_to_hub: refused now without --hub.repo_id, warned if it cannot work
     try:
-        train(inv.cfg)
+        summary = train(inv.cfg)
     except Preempted as exc:
         print(f"distclm: {exc}", file=sys.stderr)
         return 143  # 128 + SIGTERM
     except NonFinite as exc:
         print(f"distclm: error: {exc}", file=sys.stderr)
         return 1
+    hub_push.after_training(inv.cfg, summary.get("run_dir"))  # --train.push_to_hub: rank 0, no process group left
     return 0

@@ -175,6 +175,8 @@ class TrainConfig:
     hang_timeout_s: float = F(120.0, "Seconds a rank may wait in a collective for ranks that do not arrive before "
                                      "the live ranks name them (host, phase, step), dump their stacks to "
                                      "RUN/hang-rank{R}.txt and exit 75 (0 = off; docs/hangs.md).", bound=at_least(0, "0 = off"))
+    push_to_hub: bool = F(False, "After training and its export, push RUN/export to --hub.repo_id (rank 0, after the "
+                                 "process group is closed); a failed push warns and keeps exit 0 (docs/hub.md).")
 
 
 @dataclass
@@ -240,6 +242,20 @@ class PlanConfig:
 
 
 @dataclass
+class HubConfig:
+    repo_id: Optional[str] = F(None, "Hugging Face Hub repo to push the export to, USER/NAME or ORG/NAME (`distclm "
+                                     "export RUN --hub.repo_id=...`, or --train.push_to_hub=true); token: HF_TOKEN "
+                                     "or `hf auth login`.")
+    private: bool = F(False, "Create the repo private (an existing repo keeps its visibility).")
+    revision: Optional[str] = F(None, "Branch to push to, created from main when missing (none: main).")
+    commit_message: Optional[str] = F(None, "Commit message of the push (none: 'distclm export at step N').")
+    adapter_only: bool = F(False, "A LoRA run: push export/adapter/ (the adapter and its card) alone instead of the "
+                                  "merged model.")
+    license: Optional[str] = F(None, "License id for the model card (e.g. apache-2.0); none: the base model's, "
+                                     "when its card is on this machine.")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -250,6 +266,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     run: RunConfig = field(default_factory=RunConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -4,7 +4,9 @@ launch needs (rendezvous, topology, NCCL/gloo interface, shared volume, /dev/shm
 Core kinds (Job, Service, PersistentVolumeClaim, pod templates) are checked against the Kubernetes API
 models of the official `kubernetes` client (pydantic, generated from the OpenAPI schema, offline): unknown
 fields, missing required fields and wrong types all fail. The PyTorchJob (a CRD the client does not know)
-is checked field by field against kubeflow.org/v1, with its pod templates checked as above.
+is checked field by field against kubeflow.org/v1, with its pod templates checked as above; so are Kubeflow Trainer
+v2's TrainJob and ClusterTrainingRuntime (trainer.kubeflow.org/v1alpha1, a JobSet template), whose pod is the
+runtime's pod template with the TrainJob's trainer fields applied, as the Trainer controller builds it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,12 @@ ELASTIC_POLICY = {"minReplicas", "maxReplicas", "rdzvBackend", "rdzvPort", "rdzv
 RUN_POLICY = {"cleanPodPolicy", "ttlSecondsAfterFinished", "activeDeadlineSeconds", "backoffLimit",
               "schedulingPolicy", "suspend", "managedBy"}
 REPLICA_SPEC = {"replicas", "template", "restartPolicy"}
+CRDS = {"PyTorchJob", "TrainJob", "ClusterTrainingRuntime"}  # kinds the kubernetes client's models do not know
+TRAINER_V2 = "trainer.kubeflow.org/v1alpha1"
+TRAINJOB_SPEC = {"runtimeRef", "trainer", "initializer", "labels", "annotations", "podSpecOverrides", "suspend",
+                 "managedBy"}
+TRAINER = {"image", "command", "args", "env", "numNodes", "resourcesPerNode", "numProcPerNode"}
+RUNTIME_SPEC = {"mlPolicy", "template", "podGroupPolicy"}
 LAUNCH_ENV = {"NNODES", "NPROC_PER_NODE", "RDZV_ENDPOINT", "RDZV_ID", "RDZV_TIMEOUT", "MAX_RESTARTS",
               "NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME"}
 
@@ -54,7 +62,30 @@ def validate_model(model: str, obj: dict) -> None:
 
 
 def env_of(container: dict) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in container.get("env", [])}
+    """The literal env values (a value from a Secret or field ref is not a literal: see test_no_secret_inline)."""
+    return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+
+
+def trainjob_pod(job: dict) -> dict:
+    """The pod template the Trainer controller makes of a TrainJob: its runtime's `node` pod, with the trainer's
+    image, command, args, env (merged by name) and resourcesPerNode applied to the `node` container."""
+    import copy
+
+    ref = job["spec"]["runtimeRef"]
+    [runtime] = [d for _, d in by_kind(ref["kind"]) if d["metadata"]["name"] == ref["name"]]
+    [node] = [r for r in runtime["spec"]["template"]["spec"]["replicatedJobs"] if r["name"] == "node"]
+    pod = copy.deepcopy(node["template"]["spec"]["template"])
+    [container] = [c for c in pod["spec"]["containers"] if c["name"] == "node"]
+    trainer = job["spec"]["trainer"]
+    for key in ("image", "command", "args"):
+        if key in trainer:
+            container[key] = trainer[key]
+    env = {e["name"]: e for e in container.get("env", [])}
+    env.update({e["name"]: e for e in trainer.get("env", [])})
+    container["env"] = list(env.values())
+    if "resourcesPerNode" in trainer:
+        container["resources"] = trainer["resourcesPerNode"]
+    return pod
 
 
 def training_pods() -> list[tuple[str, dict, dict]]:
@@ -66,6 +97,8 @@ def training_pods() -> list[tuple[str, dict, dict]]:
     for name, doc in by_kind("Job"):
         if doc["metadata"]["name"] != "distclm-prepare":
             pods.append((name, doc["spec"]["template"], doc))
+    for name, doc in by_kind("TrainJob"):
+        pods.append((f"{name} node", trainjob_pod(doc), doc))
     return pods
 
 
@@ -81,11 +114,12 @@ def launch_args(container: dict) -> list[str]:
 
 def test_there_are_both_flavours_and_a_shared_volume():
     kinds = sorted({d["kind"] for _, d in documents()})
-    assert kinds == ["Job", "PersistentVolumeClaim", "PyTorchJob", "Service"]
-    assert {f for f, _ in documents()} >= {"pytorchjob.yaml", "indexed-job.yaml", "pvc.yaml"}
+    assert kinds == ["ClusterTrainingRuntime", "Job", "PersistentVolumeClaim", "PyTorchJob", "Service", "TrainJob"]
+    assert {f for f, _ in documents()} >= {"pytorchjob.yaml", "indexed-job.yaml", "pvc.yaml", "trainjob.yaml",
+                                           "training-runtime.yaml"}
 
 
-@pytest.mark.parametrize("where, doc", [(f"{f}:{d['kind']}", d) for f, d in documents() if d["kind"] != "PyTorchJob"])
+@pytest.mark.parametrize("where, doc", [(f"{f}:{d['kind']}", d) for f, d in documents() if d["kind"] not in CRDS])
 def test_core_documents_match_the_kubernetes_schema(where, doc):
     model = CORE_MODELS[(doc["apiVersion"], doc["kind"])]
     validate_model(model, doc)
@@ -222,3 +256,73 @@ def test_prepare_job_runs_a_distclm_command_line():
     [container] = job["spec"]["template"]["spec"]["containers"]
     inv = parse(launch_args(container))
     assert inv.command == "prepare" and inv.cfg.data.dir.startswith("/shared/")
+
+
+def test_trainjob_and_its_runtime_follow_kubeflow_trainer_v2():
+    [(_, job)] = by_kind("TrainJob")
+    [(_, runtime)] = by_kind("ClusterTrainingRuntime")
+    for doc in (job, runtime):
+        assert doc["apiVersion"] == TRAINER_V2 and set(doc) <= {"apiVersion", "kind", "metadata", "spec"}
+        validate_model("V1ObjectMeta", doc["metadata"])
+    spec, trainer = job["spec"], job["spec"]["trainer"]
+    assert set(spec) <= TRAINJOB_SPEC and set(trainer) <= TRAINER
+    assert spec["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime",
+                                  "name": runtime["metadata"]["name"]}
+    # The runtime: the torch framework, a JobSet template whose "node" Job the controller scales to numNodes
+    assert set(runtime["spec"]) <= RUNTIME_SPEC
+    assert runtime["metadata"]["labels"]["trainer.kubeflow.org/framework"] == "torch"
+    policy = runtime["spec"]["mlPolicy"]
+    assert set(policy) <= {"numNodes", "torch"} and set(policy["torch"]) <= {"numProcPerNode", "elasticPolicy"}
+    jobset = runtime["spec"]["template"]["spec"]
+    [node] = jobset["replicatedJobs"]
+    assert node["name"] == "node" and set(node) <= {"name", "replicas", "template", "dependsOn"}
+    assert node["template"]["metadata"]["labels"]["trainer.kubeflow.org/trainjob-ancestor-step"] == "trainer"
+    validate_model("V1JobTemplateSpec", node["template"])  # the Job and its pod, against the Kubernetes schema
+    pod = node["template"]["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["containers"]] == ["node"]  # the container the torch plugin configures
+    # Nodes and processes: the TrainJob's numbers, the env torchrun.sh reads and the GPUs agree
+    env = env_of(trainjob_pod(job)["spec"]["containers"][0])
+    assert env["NNODES"] == str(trainer["numNodes"]) and env["NPROC_PER_NODE"] == str(trainer["numProcPerNode"])
+    assert str(policy["torch"]["numProcPerNode"]) == env["NPROC_PER_NODE"]
+    assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == env["NPROC_PER_NODE"]
+    name = job["metadata"]["name"]
+    port = pod["containers"][0]["ports"][0]["containerPort"]
+    assert env["RDZV_ENDPOINT"] == f"{name}-node-0-0.{name}:{port}"  # JobSet's pod 0 DNS: <jobset>-<job>-0-0.<jobset>
+    assert env["RDZV_ID"] == name
+    # Exit codes: 2 fails the Job at once and the JobSet with it; retryable exits replace the pod
+    job_spec = node["template"]["spec"]
+    assert pod["restartPolicy"] == "Never" and job_spec["backoffLimit"] >= 1
+    rule = job_spec["podFailurePolicy"]["rules"][0]
+    assert rule["action"] == "FailJob" and rule["onExitCodes"] == {"containerName": "node", "operator": "In",
+                                                                    "values": [2]}
+    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]} in job_spec["podFailurePolicy"]["rules"]
+    assert jobset["failurePolicy"]["rules"] == [{"action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy"]}]
+    assert jobset["failurePolicy"]["maxRestarts"] >= 1
+
+
+def test_no_secret_inline_hf_token_from_a_secret():
+    """A token never sits in a manifest: HF_TOKEN (for --train.push_to_hub) comes from a Secret, optional."""
+    secret = ("TOKEN", "KEY", "SECRET", "PASSWORD")
+    for where, doc in documents():
+        text = yaml.safe_dump(doc)
+        assert "hf_" not in text.replace("hf_token", "").replace("hf-token", ""), where
+
+        def containers(node):
+            if isinstance(node, dict):
+                if "containers" in node:
+                    yield from node["containers"]
+                for v in node.values():
+                    yield from containers(v)
+            elif isinstance(node, list):
+                for v in node:
+                    yield from containers(v)
+
+        for container in containers(doc):
+            for e in container.get("env", []):
+                if any(s in e["name"] for s in secret):
+                    assert "value" not in e and "secretKeyRef" in e["valueFrom"], (where, e["name"])
+    [(_, runtime)] = by_kind("ClusterTrainingRuntime")
+    [node] = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    [token] = [e for e in node["template"]["spec"]["template"]["spec"]["containers"][0]["env"]
+               if e["name"] == "HF_TOKEN"]
+    assert token["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "token", "optional": True}

@@ -15,7 +15,7 @@ from distclm.cli import parse
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "image"))
-from kube_pods import for_podman, indexed_job_pods, job_pod, pytorchjob_pods, scale_down  # noqa: E402
+from kube_pods import for_podman, indexed_job_pods, job_pod, pytorchjob_pods, scale_down, trainjob_pods  # noqa: E402
 
 K8S = REPO / "launchers" / "k8s"
 
@@ -25,7 +25,7 @@ def docs(name: str) -> list[dict]:
 
 
 def env(container: dict) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in container.get("env", [])}
+    return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
 
 
 def validate_pod(pod: dict) -> None:
@@ -80,6 +80,36 @@ def test_pytorchjob_pods_get_the_operators_env_consistent_with_the_manifests_own
         assert e["PET_RDZV_ID"] == e["RDZV_ID"] and e["PET_MAX_RESTARTS"] == e["MAX_RESTARTS"]
         assert e["RDZV_ENDPOINT"].split(":")[0] == names[0]  # the master pod's name: resolvable as it is
         assert pod["spec"]["restartPolicy"] == "Never"  # ExitCode: the operator restarts, not the kubelet
+
+
+def test_trainjob_pods_are_the_runtime_template_with_the_trainer_fields_and_the_torch_plugins_env():
+    [job], [runtime] = docs("trainjob.yaml"), docs("training-runtime.yaml")
+    plan = trainjob_pods(job, runtime)
+    trainer = job["spec"]["trainer"]
+    names = [p["metadata"]["name"] for p in plan.pods]
+    assert names == ["distclm-eli5-node-0-0", "distclm-eli5-node-0-1"]  # numNodes pods, JobSet's names
+    [node] = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    template = node["template"]["spec"]["template"]
+    for i, pod in enumerate(plan.pods):
+        validate_pod(pod)
+        assert pod["spec"]["hostname"] == names[i] and pod["spec"]["subdomain"] == "distclm-eli5"
+        [c], [tc] = pod["spec"]["containers"], template["spec"]["containers"]
+        assert c["args"] == trainer["args"] and c["command"] == tc["command"] and c["image"] == tc["image"]
+        assert c["resources"] == trainer["resourcesPerNode"]
+        e = env(c)
+        assert e["PET_NODE_RANK"] == e["JOB_COMPLETION_INDEX"] == str(i)
+        assert e["PET_NNODES"] == e["NNODES"] == str(trainer["numNodes"])
+        assert e["PET_NPROC_PER_NODE"] == e["NPROC_PER_NODE"]
+        # The rendezvous: pod 0 by its JobSet DNS name, which is also where the torch plugin puts the master
+        assert e["RDZV_ENDPOINT"] == f"{e['PET_MASTER_ADDR']}:29400" and e["PET_MASTER_ADDR"].startswith(names[0])
+        # Nothing else changed: volumes, security context, restart policy, grace period are the runtime's.
+        for key in ("volumes", "securityContext", "restartPolicy", "terminationGracePeriodSeconds"):
+            assert pod["spec"][key] == template["spec"][key], key
+    played = for_podman(plan, ["distclm-eli5"])
+    e = env(played.pods[1]["spec"]["containers"][0])
+    assert e["RDZV_ENDPOINT"] == "distclm-eli5-node-0-0:29400" and e["PET_MASTER_ADDR"] == "distclm-eli5-node-0-0"
+    assert not any("valueFrom" in x for p in played.pods for x in p["spec"]["containers"][0]["env"])
+    assert any("Secrets removed" in s for s in played.podman)
 
 
 def test_scale_down_appends_flags_that_win_over_the_manifests_and_keeps_its_paths():

@@ -167,3 +167,47 @@ def test_run_demo_prepares_trains_evaluates_exports_and_samples(tmp_path):
     assert "reused complete train 50 blocks, validation 31 blocks of 64 tokens" in again.out
     assert next(ln for ln in again.out.splitlines() if ln.startswith("== perplexity after")) == after
     assert sample in again.out.splitlines()  # same seed, same model: the same sample
+
+
+@pytest.fixture(scope="module")
+def chat_export(tmp_path_factory):
+    """gpt2-tiny with the default chat template whose every position predicts one token: the final LayerNorm
+    outputs a constant vector b (weight 0, bias b) and that token's (tied) embedding is 10 b, so greedy decoding
+    always picks it. -> {token: folder} for EOS (an empty answer) and " " (id 220: whitespace only)."""
+    from distclm.data.chat import DEFAULT_TEMPLATE
+    from distclm.data.tokenize import load_hf_tokenizer
+    from distclm.model import build_model
+
+    folders = {}
+    for name, token in (("eos", 50256), ("space", 220)):
+        model = build_model("gpt2-tiny", 0)
+        with torch.no_grad():
+            b = torch.randn(model.config.n_embd, generator=torch.Generator().manual_seed(1))
+            model.transformer.ln_f.weight.zero_()
+            model.transformer.ln_f.bias.copy_(b)
+            model.transformer.wte.weight[token] = 10 * b
+        out = tmp_path_factory.mktemp(f"chat-{name}")
+        model.save_pretrained(out)
+        tok = load_hf_tokenizer("gpt2")[0]
+        tok.chat_template = DEFAULT_TEMPLATE
+        tok.save_pretrained(out)
+        folders[name] = out
+    return folders
+
+
+@pytest.mark.parametrize("case, said", [("eos", "the model ended its answer at once (0 new tokens)"),
+                                        ("space", "the model's answer is only whitespace (4 characters: '    ')")])
+def test_an_empty_chat_answer_is_said_on_stderr_not_printed_blank(cli, chat_export, case, said):
+    r = cli("generate", f"--model.name={chat_export[case]}", "--prompt=Hi", "--gen.chat=true",
+            "--gen.do_sample=false", "--gen.max_new_tokens=4")
+    assert r.code == 0 and r.out == "", (r.out, r.err)
+    assert r.err.strip().splitlines() == [f"distclm: note: {said}"]
+
+
+def test_generate_without_chat_on_a_chat_model_names_gen_chat(cli, chat_export, tiny_export):
+    r = cli("generate", f"--model.name={chat_export['space']}", "--prompt=Hi", "--gen.do_sample=false",
+            "--gen.max_new_tokens=4")
+    assert r.code == 0 and r.out == "Hi    \n"
+    assert "--gen.chat=true" in r.err and "chat template" in r.err
+    plain = cli("generate", f"--model.name={tiny_export}", "--prompt=Hi", "--gen.max_new_tokens=4")
+    assert "--gen.chat" not in plain.err  # a model without a chat template: no note

@@ -1,8 +1,9 @@
 """launchers/k8s/ -> the Pods Kubernetes would create from them, as `podman kube play` documents.
 
-podman 4.3 plays only Pod, Deployment and PersistentVolumeClaim; a Job, an Indexed Job or a PyTorchJob is
-refused. So this module does what the controllers do: the Job controller (an Indexed Job) or the Kubeflow
-training operator (a PyTorchJob) turns the pod template into Pods. Everything else comes from the manifest
+podman 4.3 plays only Pod, Deployment and PersistentVolumeClaim; a Job, an Indexed Job, a PyTorchJob or a TrainJob
+is refused. So this module does what the controllers do: the Job controller (an Indexed Job), the Kubeflow
+training operator (a PyTorchJob) or Kubeflow Trainer v2 with JobSet (a TrainJob on its ClusterTrainingRuntime)
+turns the pod template into Pods. Everything else comes from the manifest
 as shipped. Each change is said in words, in three lists kept apart:
 
   - kubernetes: what Kubernetes itself adds to a pod from these objects (names, hostname, index, env);
@@ -99,6 +100,48 @@ def pytorchjob_pods(job: dict) -> Plan:
         "the pod's restartPolicy from the replica's (ExitCode -> Never: the operator replaces the pod)"])
 
 
+def trainjob_pods(job: dict, runtime: dict) -> Plan:
+    """Kubeflow Trainer v2's pods of a TrainJob (trainer.kubeflow.org/v1alpha1): the runtime's JobSet template
+    with the trainer's image/command/args/env/resourcesPerNode on the `node` container, the `node` Job scaled to
+    numNodes (Indexed), so JobSet names its pods <job>-node-0-<i> (hostname too, subdomain <job>: its headless
+    service); the torch plugin's env PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR/PORT."""
+    name, trainer = job["metadata"]["name"], job["spec"]["trainer"]
+    [node] = [r for r in runtime["spec"]["template"]["spec"]["replicatedJobs"] if r["name"] == "node"]
+    template = copy.deepcopy(node["template"]["spec"]["template"])
+    for c in template["spec"]["containers"]:
+        if c["name"] != "node":
+            continue
+        for key in ("image", "command", "args"):
+            if key in trainer:
+                c[key] = copy.deepcopy(trainer[key])
+        env = {e["name"]: e for e in c.get("env", [])}
+        env.update({e["name"]: e for e in trainer.get("env", [])})
+        c["env"] = list(env.values())
+        if "resourcesPerNode" in trainer:
+            c["resources"] = copy.deepcopy(trainer["resourcesPerNode"])
+    nodes = trainer.get("numNodes", runtime["spec"]["mlPolicy"].get("numNodes", 1))
+    nproc = trainer.get("numProcPerNode", runtime["spec"]["mlPolicy"].get("torch", {}).get("numProcPerNode", 1))
+    port = next((p["containerPort"] for c in template["spec"]["containers"] for p in c.get("ports", [])), 29400)
+    master = f"{name}-node-0-0.{name}"
+    pods = []
+    for i in range(nodes):
+        p = pod(f"{name}-node-0-{i}", template,
+                {"jobset.sigs.k8s.io/jobset-name": name, "jobset.sigs.k8s.io/replicatedjob-name": "node",
+                 "trainer.kubeflow.org/trainjob-ancestor-step": "trainer", INDEX_KEY: str(i)}, {INDEX_KEY: str(i)})
+        p["spec"]["hostname"], p["spec"]["subdomain"] = f"{name}-node-0-{i}", name
+        add_env(p["spec"], {"JOB_COMPLETION_INDEX": str(i), "PET_NNODES": str(nodes),
+                            "PET_NPROC_PER_NODE": str(nproc), "PET_NODE_RANK": str(i),
+                            "PET_MASTER_ADDR": master, "PET_MASTER_PORT": str(port)})
+        pods.append(p)
+    return Plan(pods, kubernetes=[
+        f"pods {name}-node-0-0..{nodes - 1} (JobSet's names + a random suffix; the hostname without it, "
+        f"subdomain {name}: JobSet's headless service)",
+        "the trainer's image/command/args/env/resourcesPerNode on the runtime's `node` container",
+        "the labels jobset.sigs.k8s.io/{jobset-name,replicatedjob-name}, the ancestor step, the completion index",
+        "env JOB_COMPLETION_INDEX and the torch plugin's PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, "
+        "PET_MASTER_ADDR, PET_MASTER_PORT"])
+
+
 def job_pod(job: dict) -> Plan:
     """A plain (non-indexed) Job of one completion: the Job controller's one pod from the template."""
     name = job["metadata"]["name"]
@@ -110,12 +153,18 @@ def for_podman(plan: Plan, services: list[str]) -> Plan:
     """What a cluster gives that podman 4.3 does not: headless-service DNS (<pod>.<service> resolves there;
     on a podman network only the pod's own name does), and ports that stay inside the pod network (podman
     4.3 publishes every containerPort on the host, so two pods of one job cannot both bind it)."""
+    secrets = False
     for p in plan.pods:
         for c in p["spec"]["containers"]:
-            for e in c.get("env", []):
+            secrets |= any("valueFrom" in e for e in c.get("env", []))
+            c["env"] = [e for e in c.get("env", []) if "valueFrom" not in e]
+            for e in c["env"]:
                 for svc in services:
                     e["value"] = e["value"].replace(f".{svc}:", ":")
+                    e["value"] = e["value"].removesuffix(f".{svc}")  # a host alone (PET_MASTER_ADDR)
             c.pop("ports", None)
+    if secrets:
+        plan.podman.append("env values from Secrets removed (the optional hf-token: no push in a play)")
     if services:
         plan.podman.append(f"headless-service names <pod>.{'|'.join(services)} -> <pod> in env values "
                            "(podman's DNS resolves pod names, not <pod>.<service>)")

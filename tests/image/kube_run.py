@@ -2,8 +2,9 @@
 
 The prepare Job tokenizes onto the shared claim; the Indexed Job's two pods train, checkpoint, are stopped
 (SIGTERM, as an eviction does: distclm saves and exits 143) and a second play of the same pods resumes to
-the end; the PyTorchJob's master and worker pods train and checkpoint. The changes to the manifests are
-printed in three lists (kube_pods.py): what Kubernetes adds, where podman differs, the CPU scale-down.
+the end; the PyTorchJob's master and worker pods train and checkpoint; the TrainJob's two pods (Kubeflow Trainer
+v2: its ClusterTrainingRuntime's pod, as JobSet creates it) are stopped and resumed as the Indexed Job's are.
+The changes to the manifests are printed in three lists (kube_pods.py): what Kubernetes adds, where podman differs, the CPU scale-down.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import yaml
 from containers import Checks, engine, losses, run_logged, wait_for
-from kube_pods import Plan, for_podman, indexed_job_pods, job_pod, pytorchjob_pods, scale_down
+from kube_pods import Plan, for_podman, indexed_job_pods, job_pod, pytorchjob_pods, scale_down, trainjob_pods
 
 NET = "distclm-k8s"
 CLAIM = "distclm-shared"
@@ -90,8 +91,20 @@ def indexed_job(checks: Checks, repo: Path, work: Path, image: str) -> None:
     services = [d["metadata"]["name"] for d in docs if d["kind"] == "Service"]
     plan = scale_down(for_podman(indexed_job_pods(job), services), image, TRAIN_ARGS)
     print_plan(checks, "indexed-job.yaml", plan)
+    stop_and_resume(checks, "k8s Indexed Job", plan, work, work / "indexed.yaml")
+
+
+def trainjob(checks: Checks, repo: Path, work: Path, image: str) -> None:
+    [job], [runtime] = documents(repo, "trainjob.yaml"), documents(repo, "training-runtime.yaml")
+    plan = scale_down(for_podman(trainjob_pods(job, runtime), [job["metadata"]["name"]]), image, TRAIN_ARGS)
+    print_plan(checks, "trainjob.yaml + training-runtime.yaml", plan)
+    shutil.rmtree(work / "shared" / "runs" / "eli5-distilgpt2", ignore_errors=True)  # the others' run dir
+    stop_and_resume(checks, "k8s TrainJob (Trainer v2)", plan, work, work / "trainjob.yaml")
+
+
+def stop_and_resume(checks: Checks, title: str, plan: Plan, work: Path, path: Path) -> None:
+    """Two pods train and checkpoint, are stopped (SIGTERM, as an eviction), and a second play resumes to the end."""
     run = work / "shared" / "runs" / "eli5-distilgpt2"
-    path = work / "indexed.yaml"
     containers = play(plan, path)
     first = run / "checkpoints" / f"step-{SAVE_EVERY}" / "COMPLETE"
     seen = wait_for(first.exists, timeout=900)
@@ -99,7 +112,7 @@ def indexed_job(checks: Checks, repo: Path, work: Path, image: str) -> None:
     subprocess.run([engine(), "pod", "stop", "-t", "120", *[p["metadata"]["name"] for p in plan.pods]],
                    capture_output=True, timeout=300)
     codes, at_stop = down(path, containers, work / "logs.txt"), losses(run)
-    checks.check("k8s Indexed Job: 2 pods train, checkpoint, stopped mid-run",
+    checks.check(f"{title}: 2 pods train, checkpoint, stopped mid-run",
                  seen and 0 < max(at_stop, default=0) < STEPS and all(c >= 128 for c in codes),
                  f"stopped at step {max(at_stop, default=0)} of {STEPS}, exit codes {codes} (>= 128: retryable; "
                  "143 after SIGTERM, 137 killed at the end of the grace period)")
@@ -108,7 +121,7 @@ def indexed_job(checks: Checks, repo: Path, work: Path, image: str) -> None:
     after = losses(run)
     resumed_at = min((s for s in after if s > max(at_stop, default=0)), default=None)
     log = (work / "logs.txt").read_text()
-    checks.check("k8s Indexed Job: a second play resumes to the end",
+    checks.check(f"{title}: a second play resumes to the end",
                  codes == [0, 0] and max(after, default=0) == STEPS and "resum" in log.lower(),
                  f"exit codes {codes}, steps {resumed_at}..{max(after, default=0)} after the restart, "
                  f"final loss {after.get(STEPS)}, {time.monotonic() - t0:.0f} s")
@@ -138,5 +151,6 @@ def check_kube(checks: Checks, repo: Path, work: Path, image: str) -> None:
     if prepare(checks, repo, work, image):
         indexed_job(checks, repo, work, image)
         pytorchjob(checks, repo, work, image)
+        trainjob(checks, repo, work, image)
     subprocess.run([engine(), "network", "rm", "-f", NET], capture_output=True)
     subprocess.run([engine(), "volume", "rm", "-f", CLAIM], capture_output=True)
