@@ -14,10 +14,17 @@ import shutil
 from pathlib import Path
 
 from distclm import dist
-from distclm.atomic import atomic_dir, fresh_dir, publish_dir
+from distclm.atomic import atomic_dir, publish_dir
 from distclm.checkpoint import complete_checkpoints
 from distclm.errors import UserError
 from distclm.hf_folder import check_full_weights, lazy_shard_tensors, write_weights
+from distclm.ownership import check_export_target, scratch_dir
+
+
+def _scratch(path: Path) -> Path:
+    """The export's temporary folder, marked as an export from its first moment: the published folder carries the
+    marker, and a leftover of an interrupted export is provably distclm's (anything else there is refused)."""
+    return scratch_dir(path, "export")
 
 
 def export_run(run_dir: Path, out: Path | None = None, engine=None) -> Path:
@@ -32,9 +39,10 @@ def export_run(run_dir: Path, out: Path | None = None, engine=None) -> Path:
     if not found:
         raise UserError(f"{run_dir}: no complete checkpoint to export; train first (checkpoints/step-N/COMPLETE)")
     ckpt, out = found[-1], Path(out) if out else Path(run_dir) / "export"
+    check_export_target(out, Path(run_dir))  # replaced below only when it is empty or an earlier export
     if any((ckpt / "model").glob("*.safetensors")):
         if dist.is_rank0():
-            with atomic_dir(out) as tmp:
+            with atomic_dir(out, scratch=_scratch) as tmp:
                 shutil.copytree(ckpt / "model", tmp, dirs_exist_ok=True)
         dist.barrier()
         return out
@@ -42,7 +50,7 @@ def export_run(run_dir: Path, out: Path | None = None, engine=None) -> Path:
         return _export_offline(ckpt, out)
     tmp = out.with_name(f".tmp-{out.name}")
     if engine.is_main:
-        fresh_dir(tmp)
+        _scratch(tmp)
         shutil.copytree(ckpt / "model", tmp, dirs_exist_ok=True)
     _write_model(engine, tmp)
     if engine.is_main:
@@ -75,7 +83,7 @@ def _export_offline(ckpt: Path, out: Path) -> Path:
     model rebuilt from the run's --model.name with the checkpoint's adapter, merged."""
     from distclm.engine import offline, zero_shards_state_dict
 
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, scratch=_scratch) as tmp:
         shutil.copytree(ckpt / "model", tmp, dirs_exist_ok=True)
         if (ckpt / "trainable.safetensors").exists():
             _write_model(offline(_rebuild_lora(ckpt)), tmp)
@@ -102,11 +110,17 @@ def _rebuild_lora(ckpt: Path):
 
 def export_command(inv) -> int:
     """`distclm export RUN [--out DIR]`."""
+    from distclm.runlock import LOCK, live_holder
+
     run_dir = inv.positional[0] if inv.positional else inv.cfg.run.dir
     if not run_dir:
         raise UserError("export needs a run dir: distclm export RUN [--out DIR]")
     if not Path(run_dir).is_dir():
         raise UserError(f"export: {run_dir}: no such run dir")
+    holder = live_holder(Path(run_dir))
+    if holder is not None:  # it would read a checkpoint that the job may be pruning; its own export comes at its end
+        raise UserError(f"export: {run_dir} is being trained ({holder.describe()}, lock {Path(run_dir) / LOCK}); "
+                        f"export when that job ends (it writes {Path(run_dir) / 'export'} itself at its end)")
     out = export_run(Path(run_dir), inv.extras.get("out"))
     print(f"exported {run_dir} -> {out} (load it with transformers.pipeline('text-generation', model='{out}'))")
     return 0
