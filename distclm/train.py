@@ -251,7 +251,7 @@ def train(cfg: Config) -> dict:
 def train_once(cfg: Config) -> dict:
     """The phases in order; the process group is closed in `finally`."""
     stop = StopSignal()  # installed first: a SIGTERM during set-up is acted on at the first step boundary
-    engine = watchdog = None
+    engine = watchdog = run = None
     activity = Activity()  # this rank's phase and waits: the step parts and the heartbeat read it
     try:
         cfg = for_world(resolve_auto_micro(cfg, dist.world_size()), dist.world_size())
@@ -272,6 +272,8 @@ def train_once(cfg: Config) -> dict:
     finally:
         if watchdog is not None:
             watchdog.stop()
+        if run is not None:  # the run dir's lock, on every way out (a refusal inside claim_run_dir let it go)
+            run.release()
         stop.restore()
         engine.close() if engine is not None else dist.destroy()
 
