@@ -85,7 +85,8 @@ def describe(folder: Path, ignore: tuple[str, ...] = ()) -> str:
         return f"is {KINDS[kind]}"
     names = entries(folder, ignore)
     more = f" and {len(names) - SHOWN} more" if len(names) > SHOWN else ""
-    return f"holds {len(names)} entries distclm did not write ({', '.join(names[:SHOWN])}{more})"
+    count = f"{len(names)} entr{'y' if len(names) == 1 else 'ies'}"
+    return f"holds {count} distclm did not write ({', '.join(names[:SHOWN])}{more})"
 
 
 def check_claimable(folder: Path, kind: str, flag: str, ignore: tuple[str, ...] = ()) -> bool:
@@ -141,6 +142,8 @@ def check_export_target(out: Path, run: Path) -> None:
     out_real = out_r.resolve()
     if out_real == (run_r / "export").resolve():
         return  # the run's own export/ (also one written before the marker existed)
+    if out_real == run_r.resolve():
+        raise UserError(f"--out {out} is the run itself; choose a new folder for the export, e.g. --out {run_r.name}-hf")
     if _inside(out_real, run_r.resolve()):
         raise UserError(f"--out {out} is inside the run {run} (only its own export/ may be written there); "
                         f"choose a folder outside the run, e.g. --out {run_r.name}-hf")
@@ -151,7 +154,7 @@ def check_export_target(out: Path, run: Path) -> None:
         raise UserError(f"--out {out} is the current folder (or holds it); choose a new folder for the export, "
                         f"e.g. --out {run_r.name}-hf")
     if out_r.is_symlink() or (out_r.exists() and not out_r.is_dir()):
-        raise UserError(f"--out {out}: exists and is not a folder; choose another --out")
+        raise UserError(f"--out {out} exists and is not a folder; choose another --out")
     if kind_of(out_r) == "export":
         nested = _foreign_inside(out_r)
         if nested is not None:

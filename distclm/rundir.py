@@ -93,6 +93,13 @@ def claim_run_dir(cfg: Config, engine, data_fingerprints: list[str]) -> RunDir:
     return run
 
 
+def check_run_dir(cfg: Config) -> None:
+    """Before any process group, on every rank (reads only): a --run.dir that is neither new, empty nor a run dir of
+    distclm's is refused at no cost. claim_run_dir checks it again under the lock."""
+    if cfg.run.dir:
+        check_claimable(Path(cfg.run.dir), "run", "--run.dir", ignore=(LOCK,))
+
+
 def take_run_dir(path: Path) -> RunLock:
     """Refuse a folder that is not a run dir of distclm's (nothing is written into it then), take its lock, and
     mark it as a run dir. -> the lock (the caller releases it)."""

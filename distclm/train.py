@@ -44,7 +44,7 @@ from distclm.model import (
 )
 from distclm.moe import RouterStats, inactive_parameters, sparse_blocks, top_k
 from distclm.plan_cli import gb, lower_after_oom, memory_summary, predicted_for_run, resolve_auto_micro
-from distclm.rundir import RunDir, claim_run_dir, open_data
+from distclm.rundir import RunDir, check_run_dir, claim_run_dir, open_data
 from distclm.straggler import SlowRankWatch
 from distclm.trackers import Trackers, parse_names
 from distclm.watchdog import start_watchdog
@@ -129,6 +129,7 @@ def make_plan(cfg: Config) -> Plan:
         raise UserError("--model.name is required: a hub id, a Hugging Face folder, a run dir, or a preset "
                         "(gpt2-tiny, llama-tiny, ...)")
     parse_names(cfg.log.trackers)  # a tracker that is not installed: one line, before anything starts
+    check_run_dir(cfg)  # a folder of the user's, a dataset or an export as --run.dir: one line, nothing written
     shape = ModelShape.of(load_config(cfg.model.name, cfg.model.trust_remote_code))
     readers, ws, train_blocks, sampler = data_and_sampler(cfg, shape)
     if supervision.masked(readers):  # before any process group: a refused folder costs nothing
