@@ -12,7 +12,8 @@ how to choose another path; --overwrite replaces only distclm's own output of th
 Folders written by distclm before the marker existed are recognised by their own signs (kind_of), so that their
 runs keep resuming and their prepares keep completing: a data folder by a manifest.json of format
 "distclm-blocks" (or the resume state of an interrupted prepare), a run dir by config.yaml beside checkpoints/ (or
-beside data-verified.json: a run stopped before its first checkpoint).
+beside data-verified.json: a run stopped before its first checkpoint), or by a complete checkpoint in checkpoints/
+(step-N with COMPLETE and meta.json: what a stopped run leaves, copied into a fresh folder to resume).
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ def kind_of(folder: Path) -> str | None:
     if (folder / "config.yaml").is_file() and ((folder / "checkpoints").is_dir()
                                                or (folder / "data-verified.json").is_file()):
         return "run"
+    if any((step / "COMPLETE").is_file() and (step / "meta.json").is_file()
+           for step in (folder / "checkpoints").glob("step-*")):
+        return "run"  # a complete checkpoint copied into a fresh folder to resume from
     return None
 
 
