@@ -5,6 +5,7 @@ it, and what it holds.
     RUN/ds_config.json       resolved DeepSpeed config    RUN/summary.json      wall time, tokens, final loss
     RUN/checkpoints/step-N/  COMPLETE marker last         RUN/curves.png        loss and tokens/s against step
     RUN/export/              Hugging Face folder          RUN/block_ids-rank{R}.txt   with --log.block_ids=true
+    RUN/distclm-owner.json   marks a run dir (ownership)  RUN/distclm.lock      held while a job trains (runlock.py)
 """
 
 from __future__ import annotations
