@@ -165,6 +165,10 @@ def check_export_target(out: Path, run: Path) -> None:
             raise UserError(f"--out {out} is an earlier export, but {nested} inside it {describe(nested)}; "
                             f"choose another --out")
         return
+    held = next((p for p in sorted(out_r.iterdir()) if kind_of(p) in ("run", "data")), None) \
+        if out_r.is_dir() else None
+    if held is not None:
+        raise UserError(f"--out {out} holds {KINDS[kind_of(held)]} ({held}); choose a new folder for the export")
     if entries(out_r):
         raise UserError(f"--out {out} {describe(out_r)}; distclm export replaces only an empty folder or an earlier "
                         f"export: choose another --out")

@@ -174,13 +174,16 @@ def out_cases(root: Path, run: Path, data: Path) -> dict[str, tuple[Path, str]]:
         "the run's parent": (run.parent, f"holds the run {run}"),
         "an ancestor of the run": (run.parent.parent, f"holds the run {run}"),
         "a data folder": (data, "is a prepared dataset (distclm prepare)"),
+        "a folder holding a data folder": (make(root / "datasets", {"x.txt": "mine\n"}),
+                                           "holds a prepared dataset (distclm prepare)"),
         "a foreign folder": (foreign, "holds 2 entries distclm did not write (config.json, pytorch_model.bin)"),
         "a file": (make(root, {"file.txt": "x"}) / "file.txt", "exists and is not a folder"),
     }
 
 
 CASES = ["the run", "RUN/checkpoints", "a checkpoint", "RUN/export/adapter", "a new folder inside the run",
-         "the run's parent", "an ancestor of the run", "a data folder", "a foreign folder", "a file"]
+         "the run's parent", "an ancestor of the run", "a data folder", "a folder holding a data folder",
+         "a foreign folder", "a file"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -189,6 +192,7 @@ def test_export_refuses_what_is_not_an_earlier_export(cli, tmp_path, trained, pr
     root = tmp_path / "root"
     run = copy_run(trained, root)
     data = Path(shutil.copytree(prepared, root / "data"))
+    shutil.copytree(prepared, root / "datasets" / "pydoc")
     out, says = out_cases(root, run, data)[case]
     before = tree(tmp_path)
     line = cli("export", run, "--out", out, *(["--overwrite"] if overwrite else [])).error_line()
