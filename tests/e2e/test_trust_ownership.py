@@ -407,3 +407,30 @@ def test_a_lock_taken_over_by_another_job_is_not_removed_by_the_old_holder(tmp_p
     lock.refresh()
     lock.release()
     assert json.loads((tmp_path / LOCK).read_text())["token"] == "newer-job"
+
+
+def test_of_jobs_taking_over_one_stale_lock_at_once_exactly_one_wins(tmp_path):
+    """Threads of this process stand for the jobs: each sees the other's new lock as held (same pid, alive)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from distclm.errors import UserError
+
+    for attempt in range(5):
+        folder = tmp_path / str(attempt)
+        folder.mkdir()
+        (folder / LOCK).write_text(lock_of(Holder(socket.gethostname(), dead_pid(), "gone", time.time(),
+                                                  Holder.me().boot_id)))
+
+        def take(_):
+            try:
+                return RunLock.acquire(folder, say=lambda line: None)
+            except UserError as exc:
+                return str(exc)
+
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(take, range(4)))
+        locks = [g for g in got if isinstance(g, RunLock)]
+        assert len(locks) == 1 and all("is in use" in g for g in got if isinstance(g, str)), got
+        assert json.loads((folder / LOCK).read_text())["token"] == locks[0].holder.token
+        assert [p.name for p in folder.iterdir()] == [LOCK]  # nothing left aside
+        locks[0].release()
