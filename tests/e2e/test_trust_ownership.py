@@ -268,20 +268,21 @@ def test_pruning_touches_only_its_own_step_names(tmp_path):
 
 @pytest.mark.parametrize("files", [FOREIGN["a model folder"], FOREIGN["nested folders"], {"config.yaml": "mine\n"}],
                          ids=["model folder", "nested", "a config.yaml of the user's"])
-def test_train_refuses_a_folder_that_is_not_a_run_dir(tmp_path, prepared, files):
+def test_train_refuses_a_folder_that_is_not_a_run_dir(cli, tmp_path, prepared, files):
+    """In this process: the refusal comes before any process group (make_plan), nothing written."""
     folder = make(tmp_path / "mine", files)
     before = tree(tmp_path)
-    line = run_cli("train", f"--data.dir={prepared}", *TRAIN_ARGS, "--train.max_steps=1", f"--run.dir={folder}",
-                   "--run.overwrite=true").error_line()
+    line = cli("train", f"--data.dir={prepared}", *TRAIN_ARGS, "--train.max_steps=1", f"--run.dir={folder}",
+               "--run.overwrite=true").error_line()
     n = len(os.listdir(folder))
     assert f"--run.dir={folder} holds {n} entr{'y' if n == 1 else 'ies'} distclm did not write" in line
     assert tree(tmp_path) == before
 
 
-def test_train_refuses_a_data_folder_as_its_run_dir(tmp_path, prepared):
+def test_train_refuses_a_data_folder_as_its_run_dir(cli, tmp_path, prepared):
     data = Path(shutil.copytree(prepared, tmp_path / "data"))
     before = tree(tmp_path)
-    line = run_cli("train", f"--data.dir={data}", *TRAIN_ARGS, "--train.max_steps=1", f"--run.dir={data}").error_line()
+    line = cli("train", f"--data.dir={data}", *TRAIN_ARGS, "--train.max_steps=1", f"--run.dir={data}").error_line()
     assert line.endswith(f"--run.dir={data} is a prepared dataset (distclm prepare), not a run dir (distclm train); "
                          f"choose another --run.dir")
     assert tree(tmp_path) == before
@@ -324,6 +325,7 @@ def dead_pid() -> int:
     return proc.pid
 
 
+@pytest.mark.slow  # a whole training run (~10 s or more): CI runs it, test-fast does not
 @pytest.mark.parametrize("how", ["dead pid on this host", "old lease of another host"])
 def test_a_stale_lock_is_taken_over_and_that_is_said(tmp_path, trained, prepared, how):
     run = copy_run(trained, tmp_path)
@@ -339,6 +341,7 @@ def test_a_stale_lock_is_taken_over_and_that_is_said(tmp_path, trained, prepared
     assert "resumed from" in r.out and not (run / LOCK).exists()  # released at the end
 
 
+@pytest.mark.slow  # a whole training run (~10 s or more): CI runs it, test-fast does not
 def test_the_lock_is_released_on_a_refusal_and_on_sigterm(tmp_path, trained, prepared):
     run = copy_run(trained, tmp_path)
     r = run_cli("train", f"--data.dir={prepared}", *TRAIN_ARGS, "--train.max_steps=3", "--train.lr=1e-3",
@@ -352,6 +355,7 @@ def test_the_lock_is_released_on_a_refusal_and_on_sigterm(tmp_path, trained, pre
     assert kind_of(fresh) == "run" and not (fresh / LOCK).exists()
 
 
+@pytest.mark.slow  # a whole training run (~10 s or more): CI runs it, test-fast does not
 def test_a_run_dir_written_before_the_marker_resumes(tmp_path, trained, prepared):
     """Runs of older distclm versions: config.yaml beside checkpoints/ is proof enough (legacy)."""
     run = copy_run(trained, tmp_path)
