@@ -11,6 +11,7 @@ rebuilt from --model.name and the adapter merged into it.
 from __future__ import annotations
 
 import shutil
+from functools import partial
 from pathlib import Path
 
 from distclm import dist
@@ -39,22 +40,24 @@ def export_run(run_dir: Path, out: Path | None = None, engine=None) -> Path:
     if not found:
         raise UserError(f"{run_dir}: no complete checkpoint to export; train first (checkpoints/step-N/COMPLETE)")
     ckpt, out = found[-1], Path(out) if out else Path(run_dir) / "export"
-    check_export_target(out, Path(run_dir))  # replaced below only when it is empty or an earlier export
+    # Replaced only when it is empty or an earlier export: checked now, and again right before it is replaced.
+    check_export_target(out, Path(run_dir))
+    check = partial(check_export_target, run=Path(run_dir))
     if any((ckpt / "model").glob("*.safetensors")):
         if dist.is_rank0():
-            with atomic_dir(out, scratch=_scratch) as tmp:
+            with atomic_dir(out, scratch=_scratch, check=check) as tmp:
                 shutil.copytree(ckpt / "model", tmp, dirs_exist_ok=True)
         dist.barrier()
         return out
     if engine is None:
-        return _export_offline(ckpt, out)
+        return _export_offline(ckpt, out, check)
     tmp = out.with_name(f".tmp-{out.name}")
     if engine.is_main:
         _scratch(tmp)
         shutil.copytree(ckpt / "model", tmp, dirs_exist_ok=True)
     _write_model(engine, tmp)
     if engine.is_main:
-        publish_dir(tmp, out)
+        publish_dir(tmp, out, check=check)
     engine.barrier()
     return out
 
@@ -78,12 +81,12 @@ def _write_model(engine, folder: Path) -> None:
         check_full_weights(lora.base_model(engine.module).config, folder, expected)
 
 
-def _export_offline(ckpt: Path, out: Path) -> Path:
+def _export_offline(ckpt: Path, out: Path, check) -> Path:
     """`distclm export` without the run's processes: ZeRO-3 shards read one tensor at a time, or (LoRA) the base
     model rebuilt from the run's --model.name with the checkpoint's adapter, merged."""
     from distclm.engine import offline, zero_shards_state_dict
 
-    with atomic_dir(out, scratch=_scratch) as tmp:
+    with atomic_dir(out, scratch=_scratch, check=check) as tmp:
         shutil.copytree(ckpt / "model", tmp, dirs_exist_ok=True)
         if (ckpt / "trainable.safetensors").exists():
             _write_model(offline(_rebuild_lora(ckpt)), tmp)

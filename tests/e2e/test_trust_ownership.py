@@ -438,3 +438,19 @@ def test_of_jobs_taking_over_one_stale_lock_at_once_exactly_one_wins(tmp_path):
         assert json.loads((folder / LOCK).read_text())["token"] == locks[0].holder.token
         assert [p.name for p in folder.iterdir()] == [LOCK]  # nothing left aside
         locks[0].release()
+
+
+def test_a_folder_filled_while_the_export_runs_is_not_replaced(cli, tmp_path, trained, monkeypatch):
+    """Checked again right before the rename: what --out holds then, not only when the export began."""
+    run, out = copy_run(trained, tmp_path), tmp_path / "hf"
+    copytree = shutil.copytree
+
+    def user_writes_meanwhile(src, dst, **kw):
+        make(out, {"mine.txt": "written while the export ran\n"})
+        return copytree(src, dst, **kw)
+
+    monkeypatch.setattr(shutil, "copytree", user_writes_meanwhile)
+    line = cli("export", run, "--out", out).error_line()
+    assert f"--out {out} holds 1 entry distclm did not write (mine.txt)" in line
+    assert tree(out) == {"mine.txt": hashlib.sha256(b"written while the export ran\n").hexdigest()}
+    assert not (tmp_path / ".tmp-hf").exists()  # the temporary copy went
