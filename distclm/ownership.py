@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 from distclm import __version__
@@ -121,8 +122,6 @@ def claim_dir(folder: Path, kind: str, flag: str, ignore: tuple[str, ...] = ()) 
 def scratch_dir(path: Path, kind: str) -> Path:
     """An empty temporary folder at `path`, marked as `kind` at once, so that a leftover of an interrupted write is
     provably distclm's: such a leftover is removed first, anything else at `path` is refused."""
-    import shutil
-
     path = Path(path)
     if path.exists() or path.is_symlink():
         if path.is_symlink() or _marker_kind(path) != kind:
@@ -142,23 +141,24 @@ def check_export_target(out: Path, run: Path) -> None:
     """Refuse an export folder that distclm may not replace: the run itself or anything inside it but its own
     export/, a folder that holds the run, the current folder or one above it, and any existing folder that is
     neither empty nor an earlier export (a run, a prepared dataset, a model folder, anything of the user's)."""
-    out_r, run_r, cwd = Path(os.path.abspath(out)), Path(os.path.abspath(run)), Path.cwd().resolve()
+    out_r, run_real = Path(os.path.abspath(out)), Path(run).resolve()
     out_real = out_r.resolve()
-    if out_real == (run_r / "export").resolve():
-        return  # the run's own export/ (also one written before the marker existed)
-    if out_real == run_r.resolve():
-        raise UserError(f"--out {out} is the run itself; choose a new folder for the export, e.g. --out {run_r.name}-hf")
-    if _inside(out_real, run_r.resolve()):
-        raise UserError(f"--out {out} is inside the run {run} (only its own export/ may be written there); "
-                        f"choose a folder outside the run, e.g. --out {run_r.name}-hf")
-    if _inside(run_r.resolve(), out_real):
-        raise UserError(f"--out {out} holds the run {run}; choose a new folder for the export, e.g. "
-                        f"--out {run_r.name}-hf")
-    if _inside(cwd, out_real):
-        raise UserError(f"--out {out} is the current folder (or holds it); choose a new folder for the export, "
-                        f"e.g. --out {run_r.name}-hf")
     if out_r.is_symlink() or (out_r.exists() and not out_r.is_dir()):
-        raise UserError(f"--out {out} exists and is not a folder; choose another --out")
+        raise UserError(f"--out {out} exists and is not a folder (a file or a link); choose another --out")
+    if out_real == run_real / "export":
+        return  # the run's own export/ (also one written before the marker existed)
+    if out_real == run_real:
+        raise UserError(f"--out {out} is the run itself; choose a new folder for the export, "
+                        f"e.g. --out {run_real.name}-hf")
+    if _inside(out_real, run_real):
+        raise UserError(f"--out {out} is inside the run {run} (only its own export/ may be written there); "
+                        f"choose a folder outside the run, e.g. --out {run_real.name}-hf")
+    if _inside(run_real, out_real):
+        raise UserError(f"--out {out} holds the run {run}; choose a new folder for the export, e.g. "
+                        f"--out {run_real.name}-hf")
+    if _inside(Path.cwd().resolve(), out_real):
+        raise UserError(f"--out {out} is the current folder (or holds it); choose a new folder for the export, "
+                        f"e.g. --out {run_real.name}-hf")
     if kind_of(out_r) == "export":
         nested = _foreign_inside(out_r)
         if nested is not None:

@@ -178,12 +178,13 @@ def out_cases(root: Path, run: Path, data: Path) -> dict[str, tuple[Path, str]]:
                                            "holds a prepared dataset (distclm prepare)"),
         "a foreign folder": (foreign, "holds 2 entries distclm did not write (config.json, pytorch_model.bin)"),
         "a file": (make(root, {"file.txt": "x"}) / "file.txt", "exists and is not a folder"),
+        "a link to an earlier export": (root / "link", "exists and is not a folder (a file or a link)"),
     }
 
 
 CASES = ["the run", "RUN/checkpoints", "a checkpoint", "RUN/export/adapter", "a new folder inside the run",
          "the run's parent", "an ancestor of the run", "a data folder", "a folder holding a data folder",
-         "a foreign folder", "a file"]
+         "a foreign folder", "a file", "a link to an earlier export"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -193,6 +194,7 @@ def test_export_refuses_what_is_not_an_earlier_export(cli, tmp_path, trained, pr
     run = copy_run(trained, root)
     data = Path(shutil.copytree(prepared, root / "data"))
     shutil.copytree(prepared, root / "datasets" / "pydoc")
+    (root / "link").symlink_to(run / "export")
     out, says = out_cases(root, run, data)[case]
     before = tree(tmp_path)
     line = cli("export", run, "--out", out, *(["--overwrite"] if overwrite else [])).error_line()
