@@ -38,6 +38,7 @@ LOCK = "distclm.lock"
 REFRESH_S = 30.0
 STALE_S = 120.0
 POLL_S = 5.0  # while waiting for another host's lease to run out
+TAKEOVER_S = 30.0  # a takeover's mutex older than this was left by a taker that died
 
 
 def _boot_id() -> str:
@@ -132,24 +133,30 @@ def _write_new(path: Path, holder: Holder) -> None:
 
 
 def _take_over(path: Path, stale: Holder) -> bool:
-    """Remove the stale lock `stale`; False when the file there now is another (a job took it meanwhile). The file
-    is first renamed aside, atomically, so that of two jobs taking over at once only one removes it, and a lock
-    just taken by a third is put back, not deleted."""
-    aside = path.with_name(f"{path.name}.stale-{uuid.uuid4().hex}")
+    """Remove the stale lock `stale`; False when another job is taking it over right now, or the file there is not
+    `stale` any more. Takers go one at a time through a second exclusive file, and remove the lock only if it still
+    holds `stale` (read again under that mutex): of two jobs that judged one lock stale, one removes it, and a
+    lock just taken by a third is never removed. A mutex left by a taker that died mid-way (it holds it for
+    milliseconds) is cleared after TAKEOVER_S."""
+    mutex = path.with_name(f"{path.name}.takeover")
     try:
-        os.rename(path, aside)
-    except FileNotFoundError:
-        return False
-    moved = read_holder(aside)
-    if moved is None or moved.token != stale.token:
+        os.close(os.open(mutex, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    except FileExistsError:
         try:
-            os.link(aside, path)  # put it back, unless yet another lock is there already
-        except FileExistsError:
+            if time.time() - mutex.stat().st_mtime > TAKEOVER_S:
+                mutex.unlink()
+        except FileNotFoundError:
             pass
-        os.unlink(aside)
+        time.sleep(0.05)
         return False
-    os.unlink(aside)
-    return True
+    try:
+        current = read_holder(path)
+        if current is None or (current.token, current.refreshed) != (stale.token, stale.refreshed):
+            return False
+        path.unlink()
+        return True
+    finally:
+        mutex.unlink(missing_ok=True)
 
 
 class RunLock:
@@ -164,10 +171,12 @@ class RunLock:
     @classmethod
     def acquire(cls, run_dir: Path, say=print) -> "RunLock":
         path, me = Path(run_dir) / LOCK, Holder.me()
-        deadline = None
+        deadline = taken = None
         while True:
             try:
                 _write_new(path, me)
+                if taken is not None:
+                    say(f"lock: took over the stale lock {path} of {taken}")
                 return cls(path, me)
             except FileExistsError:
                 pass
@@ -177,7 +186,7 @@ class RunLock:
             why = holder.stale_reason()
             if why is not None:
                 if _take_over(path, holder):
-                    say(f"lock: took over the stale lock {path} of {holder.describe()} ({why})")
+                    taken = f"{holder.describe()} ({why})"
                 continue
             if not holder.on_this_host() and (deadline is None or time.time() < deadline):
                 if deadline is None:
