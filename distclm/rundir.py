@@ -20,7 +20,7 @@ from distclm.atomic import atomic_write
 from distclm.config import Config, to_yaml
 from distclm.errors import UserError, first_line
 from distclm.ownership import check_claimable, claim_dir
-from distclm.runlock import LOCK, RunLock
+from distclm.runlock import LOCK_FILES, RunLock
 
 VERIFIED = "data-verified.json"  # the data fingerprints whose checksums this run dir has verified
 # Settings that make a run what it is: a run dir that holds other values is another run.
@@ -98,17 +98,17 @@ def check_run_dir(cfg: Config) -> None:
     """Before any process group, on every rank (reads only): a --run.dir that is neither new, empty nor a run dir of
     distclm's is refused at no cost. claim_run_dir checks it again under the lock."""
     if cfg.run.dir:
-        check_claimable(Path(cfg.run.dir), "run", "--run.dir", ignore=(LOCK,))
+        check_claimable(Path(cfg.run.dir), "run", "--run.dir", ignore=LOCK_FILES)
 
 
 def take_run_dir(path: Path) -> RunLock:
     """Refuse a folder that is not a run dir of distclm's (nothing is written into it then), take its lock, and
     mark it as a run dir. -> the lock (the caller releases it)."""
-    check_claimable(path, "run", "--run.dir", ignore=(LOCK,))  # a lock alone: a job taking a new dir right now
+    check_claimable(path, "run", "--run.dir", ignore=LOCK_FILES)  # a lock alone: a job taking a new dir right now
     path.mkdir(parents=True, exist_ok=True)
     lock = RunLock.acquire(path, say=lambda line: print(line, flush=True))
     try:
-        claim_dir(path, "run", "--run.dir", ignore=(LOCK,))
+        claim_dir(path, "run", "--run.dir", ignore=LOCK_FILES)
     except BaseException:
         lock.release()
         raise

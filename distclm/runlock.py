@@ -35,6 +35,7 @@ from pathlib import Path
 from distclm.errors import UserError
 
 LOCK = "distclm.lock"
+LOCK_FILES = (LOCK, f"{LOCK}.takeover")  # what a job taking a new run dir may have put there a moment ago
 REFRESH_S = 30.0
 STALE_S = 120.0
 POLL_S = 5.0  # while waiting for another host's lease to run out
