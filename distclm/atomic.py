@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from distclm.errors import UserError
 
@@ -69,17 +69,24 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 def fresh_dir(path: Path) -> Path:
-    """An empty folder at `path` (a leftover of an interrupted write is removed first)."""
+    """An empty folder at `path` (a leftover of an interrupted write is removed first). Only for names inside a folder
+    distclm owns (RUN/checkpoints/.tmp-step-N, a checkpoint's .tmp-universal): what is there is its own."""
     if path.exists():
         shutil.rmtree(path)
     path.mkdir(parents=True)
     return path
 
 
-def publish_dir(tmp: Path, final: Path, marker: str | None = None, marker_text: str = "") -> None:
-    """A complete `tmp` folder -> `final`: fsync the tree, replace `final`, then write `marker` in it last."""
+def publish_dir(tmp: Path, final: Path, marker: str | None = None, marker_text: str = "",
+                check: Callable[[Path], None] | None = None) -> None:
+    """A complete `tmp` folder -> `final`: fsync the tree, replace `final`, then write `marker` in it last. `check`
+    (raises to refuse) runs on `final` right before it is replaced: what is there now, not when the write began."""
     fsync_tree(tmp)
-    if final.exists():  # an older complete copy of the same thing (e.g. a re-run step): replaced as a whole
+    # An older complete copy of the same thing (a re-run step, an earlier export): replaced as a whole. The callers
+    # prove it is theirs (`check`: ownership.check_export_target; a step-N name in a run dir this job holds).
+    if check is not None:
+        check(final)
+    if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     fsync_dir(final.parent)
@@ -88,16 +95,25 @@ def publish_dir(tmp: Path, final: Path, marker: str | None = None, marker_text: 
 
 
 @contextmanager
-def atomic_dir(final: Path, marker: str | None = None, marker_text: str = "") -> Iterator[Path]:
-    """`with atomic_dir(out) as tmp:` fill `tmp`; on success it becomes `out` (marker last), on error it goes."""
+def atomic_dir(final: Path, marker: str | None = None, marker_text: str = "",
+               scratch: Callable[[Path], Path] = fresh_dir, check: Callable[[Path], None] | None = None
+               ) -> Iterator[Path]:
+    """`with atomic_dir(out) as tmp:` fill `tmp`; on success it becomes `out` (marker last), on error it goes.
+    `scratch` makes the empty `tmp`: fresh_dir for names inside a folder distclm owns (a checkpoint), or
+    ownership.scratch_dir where the temporary name sits beside the user's own files (an export); `check`: see
+    publish_dir."""
     final = Path(final)
-    tmp = fresh_dir(final.with_name(f".tmp-{final.name}"))
+    tmp = scratch(final.with_name(f".tmp-{final.name}"))
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    publish_dir(tmp, final, marker, marker_text)
+    try:
+        publish_dir(tmp, final, marker, marker_text, check)
+    except BaseException:  # refused by `check` (or a failed rename): the temporary copy goes
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def check_writable(path: str | Path, flag: str, kind: str = "folder", beside: bool = False) -> None:

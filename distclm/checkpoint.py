@@ -153,18 +153,24 @@ def _disk_full(exc: BaseException, run_dir: Path) -> bool:
 
 
 def prune(run_dir: Path, keep_last: int) -> None:
-    """Drop complete checkpoints beyond the newest `keep_last`, and leftovers of interrupted saves."""
+    """Drop complete checkpoints beyond the newest `keep_last`, and leftovers of interrupted saves. Only the names
+    saving makes (step-N, .tmp-step-N: N digits) in the checkpoints/ of a run dir this job holds: a folder of
+    another name there is left alone, whatever it holds."""
     found = complete_checkpoints(run_dir)
     for old in found[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     root = Path(run_dir) / "checkpoints"
     newest = step_of(found[-1]) if found else -1
     for leftover in root.glob(".tmp-step-*"):
-        if int(leftover.name.rsplit("-", 1)[1]) <= newest:
+        if _own_step_name(leftover, ".tmp-step-") and int(leftover.name.rsplit("-", 1)[1]) <= newest:
             shutil.rmtree(leftover, ignore_errors=True)
     for partial in root.glob("step-*"):
-        if partial.is_dir() and not (partial / COMPLETE).exists():
+        if _own_step_name(partial, "step-") and not (partial / COMPLETE).exists():
             shutil.rmtree(partial, ignore_errors=True)
+
+
+def _own_step_name(path: Path, prefix: str) -> bool:
+    return path.name[len(prefix):].isdigit() and path.is_dir() and not path.is_symlink()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,7 +194,7 @@ def ensure_universal(engine, path: Path) -> Path:
     """`path`/universal/state: the ZeRO shards as a universal checkpoint (rank 0 converts once; all wait)."""
     from distclm.engine import to_universal
 
-    out = path / "universal"
+    out = path / "universal"  # distclm's own name inside a complete distclm checkpoint (COMPLETE, meta.json)
     if engine.is_main and not (out / COMPLETE).exists():
         try:
             with atomic_dir(out, COMPLETE, "universal\n") as tmp:

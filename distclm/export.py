@@ -12,13 +12,21 @@ from __future__ import annotations
 
 import shutil
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 from distclm import dist, hub_push, model_card
-from distclm.atomic import atomic_dir, check_writable, disk_full_is_one_line, fresh_dir, publish_dir
+from distclm.atomic import atomic_dir, check_writable, disk_full_is_one_line, publish_dir
 from distclm.checkpoint import complete_checkpoints
 from distclm.errors import UserError
 from distclm.hf_folder import check_full_weights, lazy_shard_tensors, write_weights
+from distclm.ownership import check_export_target, scratch_dir
+
+
+def _scratch(path: Path) -> Path:
+    """The export's temporary folder, marked as an export from its first moment: the published folder carries the
+    marker, and a leftover of an interrupted export is provably distclm's (anything else there is refused)."""
+    return scratch_dir(path, "export")
 
 
 @model_card.carded  # every export gets its README.md (distclm/model_card.py)
@@ -34,22 +42,25 @@ def export_run(run_dir: Path, out: Path | None = None, engine=None) -> Path:
     if not found:
         raise UserError(f"{run_dir}: no complete checkpoint to export; train first (checkpoints/step-N/COMPLETE)")
     ckpt, out = found[-1], Path(out) if out else Path(run_dir) / "export"
+    # Replaced only when it is empty or an earlier export: checked now, and again right before it is replaced.
+    check_export_target(out, Path(run_dir))
+    check = partial(check_export_target, run=Path(run_dir))
     if any((ckpt / "model").glob("*.safetensors")):
         if dist.is_rank0():
-            with disk_space(out, ckpt / "model"), atomic_dir(out) as tmp:
+            with disk_space(out, ckpt / "model"), atomic_dir(out, scratch=_scratch, check=check) as tmp:
                 shutil.copytree(ckpt / "model", tmp, dirs_exist_ok=True)
         dist.barrier()
         return out
     if engine is None:
         with disk_space(out, ckpt / "model"):
-            return _export_offline(ckpt, out)
+            return _export_offline(ckpt, out, check)
     tmp = out.with_name(f".tmp-{out.name}")
     if engine.is_main:
-        fresh_dir(tmp)
+        _scratch(tmp)
         shutil.copytree(ckpt / "model", tmp, dirs_exist_ok=True)
     _write_model(engine, tmp)
     if engine.is_main:
-        publish_dir(tmp, out)
+        publish_dir(tmp, out, check=check)
     engine.barrier()
     return out
 
@@ -97,12 +108,12 @@ def _write_model(engine, folder: Path) -> None:
         check_full_weights(lora.base_model(engine.module).config, folder, expected)
 
 
-def _export_offline(ckpt: Path, out: Path) -> Path:
+def _export_offline(ckpt: Path, out: Path, check) -> Path:
     """`distclm export` without the run's processes: ZeRO-3 shards read one tensor at a time, or (LoRA) the base
     model rebuilt from the run's --model.name with the checkpoint's adapter, merged."""
     from distclm.engine import offline, zero_shards_state_dict
 
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, scratch=_scratch, check=check) as tmp:
         shutil.copytree(ckpt / "model", tmp, dirs_exist_ok=True)
         if (ckpt / "trainable.safetensors").exists():
             _write_model(offline(_rebuild_lora(ckpt)), tmp)
@@ -129,11 +140,17 @@ def _rebuild_lora(ckpt: Path):
 
 def export_command(inv) -> int:
     """`distclm export RUN [--out DIR]`."""
+    from distclm.runlock import LOCK, live_holder
+
     run_dir = inv.positional[0] if inv.positional else inv.cfg.run.dir
     if not run_dir:
         raise UserError("export needs a run dir: distclm export RUN [--out DIR]")
     if not Path(run_dir).is_dir():
         raise UserError(f"export: {run_dir}: no such run dir")
+    holder = live_holder(Path(run_dir))
+    if holder is not None:  # it would read a checkpoint that the job may be pruning; its own export comes at its end
+        raise UserError(f"export: {run_dir} is being trained ({holder.describe()}, lock {Path(run_dir) / LOCK}); "
+                        f"export when that job ends (it writes {Path(run_dir) / 'export'} itself at its end)")
     out = inv.extras.get("out") or str(Path(run_dir) / "export")
     check_writable(out, "--out", beside=True)
     out = export_run(Path(run_dir), out)

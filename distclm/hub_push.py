@@ -25,6 +25,7 @@ from urllib.parse import urlparse
 
 from distclm import dist
 from distclm.errors import UserError
+from distclm.ownership import MARKER
 
 ADAPTER = "adapter"  # lora.ADAPTER: the LoRA export's adapter folder
 LOGIN = "set HF_TOKEN to a token with write access, or run `hf auth login` (`huggingface-cli login` in older clients)"
@@ -91,10 +92,11 @@ def push(folder: Path, hub, step: int | None = None) -> str:
         repo = api.create_repo(hub.repo_id, private=hub.private, exist_ok=True, repo_type="model")
         if hub.revision and hub.revision != "main":
             api.create_branch(repo.repo_id, branch=hub.revision, exist_ok=True, repo_type="model")
-        # The merged model alone: its adapter/ is what --hub.adapter_only pushes
+        # The merged model alone: its adapter/ is what --hub.adapter_only pushes. The ownership marker says who
+        # wrote a folder on this machine; on the Hub it means nothing.
+        ignore = [MARKER, f"*/{MARKER}"] + ([] if hub.adapter_only else [f"{ADAPTER}/*"])
         info = api.upload_folder(repo_id=repo.repo_id, folder_path=str(source), repo_type="model",
-                                 revision=hub.revision, commit_message=message,
-                                 ignore_patterns=None if hub.adapter_only else [f"{ADAPTER}/*"])
+                                 revision=hub.revision, commit_message=message, ignore_patterns=ignore)
     except HfHubHTTPError as exc:
         raise PushFailed(_http_refusal(exc, hub.repo_id, folder)) from None
     except Exception as exc:  # noqa: BLE001 - a connection dropped mid-way (httpx), a malformed answer: one line

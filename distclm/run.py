@@ -57,9 +57,15 @@ def check_reachable(cfg) -> None:
 
 def train_in_children(cfg, nproc: int) -> None:
     from distclm.dist import free_port
+    from distclm.ownership import claim_dir
+    from distclm.runlock import LOCK_FILES, held_message, live_holder
 
     run_dir = Path(cfg.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # The child takes the lock; a folder not a run dir, or one a job holds, is refused here first, before the
+    # resolved config is written into it (the folder is marked as a run dir, so the child knows it for its own).
+    if (holder := live_holder(run_dir)) is not None:
+        raise UserError(held_message(run_dir, holder))
+    claim_dir(run_dir, "run", "--run.dir", ignore=LOCK_FILES)
     resolved = run_dir / "run-config.yaml"
     resolved.write_text(config_mod.to_yaml(cfg), encoding="utf-8")
     cmd = [sys.executable, "-m", "distclm.cli", "train", "--config", str(resolved)]

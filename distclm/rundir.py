@@ -6,20 +6,23 @@ it, and what it holds.
     RUN/checkpoints/step-N/  COMPLETE marker last         RUN/curves.png        loss and tokens/s against step
     RUN/export/              Hugging Face folder          RUN/block_ids-rank{R}.txt   with --log.block_ids=true
     RUN/export/README.md     the model card               RUN/launch.json       the card's command, world, hardware
+    RUN/distclm-owner.json   marks a run dir (ownership)  RUN/distclm.lock      held while a job trains (runlock.py)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 from distclm import model_card
 from distclm.atomic import atomic_write
 from distclm.config import Config, to_yaml
-from distclm.errors import UserError
+from distclm.errors import UserError, first_line
+from distclm.ownership import check_claimable, claim_dir
+from distclm.runlock import LOCK_FILES, RunLock
 
 VERIFIED = "data-verified.json"  # the data fingerprints whose checksums this run dir has verified
 # Settings that make a run what it is: a run dir that holds other values is another run.
@@ -30,6 +33,11 @@ IDENTITY_FIELDS = ("model.name", "data.dir", "train.lr", "train.weight_decay", "
 @dataclass(frozen=True)
 class RunDir:
     path: Path
+    lock: RunLock | None = field(default=None, compare=False)  # rank 0's, held while the job trains
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
     @property
     def metrics(self) -> Path:
@@ -53,23 +61,61 @@ def default_run_dir(cfg: Config) -> str:
 
 
 def claim_run_dir(cfg: Config, engine, data_fingerprints: list[str]) -> RunDir:
-    """Agree on the run dir, refuse one of another configuration, write config.yaml (and ds_config.json, and
-    which data it verified), then run the launch checks (ranks, topology, the folder shared by every node).
-    `cfg` is not changed."""
+    """Agree on the run dir, take its lock (rank 0; every rank takes its verdict), refuse one of another
+    configuration, write config.yaml (and ds_config.json, and which data it verified), then run the launch checks
+    (ranks, topology, the folder shared by every node). `cfg` is not changed. On a refusal the lock is let go."""
     from distclm.launch_checks import check_launch
 
-    run = RunDir(Path(engine.broadcast(cfg.run.dir or default_run_dir(cfg))))
-    check_same_configuration(run.path, cfg)
+    path = Path(engine.broadcast(cfg.run.dir or default_run_dir(cfg)))
+    lock, verdict = None, None
     if engine.is_main:
-        resolved = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=str(run.path)))
-        atomic_write(run.path / "config.yaml", to_yaml(resolved).encode())
-        if engine.ds_config is not None:
-            atomic_write(run.path / "ds_config.json", (json.dumps(engine.ds_config, indent=2) + "\n").encode())
-        atomic_write(run.path / VERIFIED, (json.dumps({"fingerprints": data_fingerprints}) + "\n").encode())
-        model_card.record_launch(run.path, engine)  # RUN/launch.json: the card's command, world, hardware
-    engine.barrier()
-    check_launch(run.path)
+        try:
+            lock = take_run_dir(path)
+        except UserError as exc:
+            verdict = str(exc)
+        except Exception as exc:  # rank 0's own traceback follows; the others stop with its headline
+            engine.broadcast(f"rank 0 could not take --run.dir={path}: {first_line(exc)}")
+            raise
+    verdict = engine.broadcast(verdict)
+    if verdict:
+        raise UserError(verdict)
+    run = RunDir(path, lock)
+    try:
+        check_same_configuration(run.path, cfg)
+        if engine.is_main:
+            resolved = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=str(run.path)))
+            atomic_write(run.path / "config.yaml", to_yaml(resolved).encode())
+            if engine.ds_config is not None:
+                atomic_write(run.path / "ds_config.json", (json.dumps(engine.ds_config, indent=2) + "\n").encode())
+            atomic_write(run.path / VERIFIED, (json.dumps({"fingerprints": data_fingerprints}) + "\n").encode())
+            model_card.record_launch(run.path, engine)  # RUN/launch.json: the card's command, world, hardware
+        engine.barrier()
+        check_launch(run.path)
+    except BaseException:
+        run.release()
+        raise
     return run
+
+
+def check_run_dir(cfg: Config) -> None:
+    """Before any process group, on every rank (reads only): a --run.dir that is neither new, empty nor a run dir of
+    distclm's is refused at no cost. claim_run_dir checks it again under the lock."""
+    if cfg.run.dir:
+        check_claimable(Path(cfg.run.dir), "run", "--run.dir", ignore=LOCK_FILES)
+
+
+def take_run_dir(path: Path) -> RunLock:
+    """Refuse a folder that is not a run dir of distclm's (nothing is written into it then), take its lock, and
+    mark it as a run dir. -> the lock (the caller releases it)."""
+    check_claimable(path, "run", "--run.dir", ignore=LOCK_FILES)  # a lock alone: a job taking a new dir right now
+    path.mkdir(parents=True, exist_ok=True)
+    lock = RunLock.acquire(path, say=lambda line: print(line, flush=True))
+    try:
+        claim_dir(path, "run", "--run.dir", ignore=LOCK_FILES)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def check_same_configuration(run_dir: Path, cfg: Config) -> None:

@@ -46,7 +46,7 @@ from distclm.model import (
 )
 from distclm.moe import RouterStats, inactive_parameters, sparse_blocks, top_k
 from distclm.plan_cli import gb, lower_after_oom, memory_summary, predicted_for_run, resolve_auto_micro
-from distclm.rundir import RunDir, claim_run_dir, open_data
+from distclm.rundir import RunDir, check_run_dir, claim_run_dir, open_data
 from distclm.straggler import SlowRankWatch
 from distclm.trackers import Trackers, parse_names
 from distclm.watchdog import start_watchdog
@@ -133,6 +133,7 @@ def make_plan(cfg: Config) -> Plan:
                         "(gpt2-tiny, llama-tiny, ...)")
     parse_names(cfg.log.trackers)  # a tracker that is not installed: one line, before anything starts
     check_writable(cfg.run.dir or "runs", "--run.dir")  # (the default is a fresh folder under runs/)
+    check_run_dir(cfg)  # a folder of the user's, a dataset or an export as --run.dir: one line, nothing written
     shape = ModelShape.of(load_config(cfg.model.name, cfg.model.trust_remote_code))
     readers, ws, train_blocks, sampler = data_and_sampler(cfg, shape)
     if supervision.masked(readers):  # before any process group: a refused folder costs nothing
@@ -257,7 +258,7 @@ def train(cfg: Config) -> dict:
 def train_once(cfg: Config) -> dict:
     """The phases in order; the process group is closed in `finally`."""
     stop = StopSignal()  # installed first: a SIGTERM during set-up is acted on at the first step boundary
-    engine = watchdog = None
+    engine = watchdog = run = None
     activity = Activity()  # this rank's phase and waits: the step parts and the heartbeat read it
     try:
         cfg = for_world(resolve_auto_micro(cfg, dist.world_size()), dist.world_size())
@@ -278,6 +279,8 @@ def train_once(cfg: Config) -> dict:
     finally:
         if watchdog is not None:
             watchdog.stop()
+        if run is not None:  # the run dir's lock, on every way out (a refusal inside claim_run_dir let it go)
+            run.release()
         stop.restore()
         engine.close() if engine is not None else dist.destroy()
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import time
 from collections import deque
@@ -37,6 +38,7 @@ from distclm.data.prepare_chat import ChatData, SampleSplits, resolve_format
 from distclm.data.samples import encode_samples
 from distclm.data.tokenize import Tokenizer, load_tokenizer
 from distclm.errors import UserError
+from distclm.ownership import check_claimable, claim_dir
 
 STATE = ".prepare-state.json"
 TOKENIZER_DIR = "tokenizer"  # the tokenizer the blocks were made with, saved in the folder (manifest tokenizer.dir)
@@ -235,7 +237,7 @@ def prepare(cfg: Config, progress=None) -> Prepared:
     state = _check_out_dir(out, fp, cfg.run.overwrite, s["source"]["files"])
     if state == "complete":
         return Prepared(read_manifest(out), time.perf_counter() - t0, True, tok.backend)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_dir(out, "data", "--data.dir")
     (out / "prepare.yaml").write_text(to_yaml(cfg), encoding="utf-8")
     dtype = token_dtype(tok.vocab_size)
     start = state["next_doc"] if state else 0
@@ -323,10 +325,8 @@ def _check_out_dir(out: Path, fp: str, overwrite: bool, files: list | None = Non
     """'complete' (same fingerprint, done), a resume state, or None (fresh). Refuses another fingerprint: other
     settings or other input bytes (`files`, the input identity) are never resumed or reused, never mixed."""
     manifest_path, state_path = out / MANIFEST, out / STATE
-    if not out.exists():
+    if not check_claimable(out, "data", "--data.dir"):  # new or empty; a folder not distclm's data is refused
         return None
-    if not out.is_dir():
-        raise UserError(f"--data.dir={out}: exists and is not a folder")
     other = None
     if manifest_path.exists():
         try:
@@ -352,18 +352,22 @@ def _check_out_dir(out: Path, fp: str, overwrite: bool, files: list | None = Non
     return None
 
 
+# What prepare writes into a data folder: shards and mask shards ({split}-{index:05d}[.mask].bin), their .partial
+# names while open, the manifest, the resume state, the settings file, and atomic_write's .tmp names of them.
+OWN_FILE = re.compile(r"(train|validation)-\d{5}(\.mask)?\.bin(\.partial)?|"
+                      + "|".join(re.escape(n) + r"(\.tmp)?" for n in (MANIFEST, STATE, "prepare.yaml")))
+
+
 def _cleanup(out: Path) -> None:
-    """Remove distclm's own files from a data folder (nothing else)."""
+    """Remove prepare's own files from a data folder of distclm's (files of those names only, and the tokenizer/
+    folder prepare saves: nothing else)."""
     if not out.is_dir():
         return
     for p in out.iterdir():
-        if p.name in (MANIFEST, STATE, "prepare.yaml", MANIFEST + ".tmp", STATE + ".tmp", TOKENIZER_DIR) or \
-                p.name.endswith((".bin", ".bin.partial")):
-            if p.is_dir():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
-
+        if OWN_FILE.fullmatch(p.name) and p.is_file() and not p.is_symlink():
+            p.unlink()
+        elif p.name == TOKENIZER_DIR and p.is_dir() and not p.is_symlink():  # save_tokenizer's copy, in our folder
+            shutil.rmtree(p)
 
 
 def prepare_command(inv) -> int:

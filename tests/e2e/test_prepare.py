@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from distclm.data import prepare as prepare_mod
+from distclm.ownership import MARKER
 from tests.support.data import (
     PYDOC_ARGS,
     assert_matches_reference,
@@ -66,7 +67,7 @@ def test_manifest_follows_the_contract(pydoc_prepared, tmp_path_factory):
     # Nothing but the output: no state, no partial shards; no paths or timestamps in the manifest.
     names = {p.name for p in pydoc_prepared.iterdir()}
     shards = {sh["file"] for s in m["splits"].values() for sh in s["shards"]}
-    assert names == {"manifest.json", "prepare.yaml", "tokenizer"} | shards
+    assert names == {"manifest.json", "prepare.yaml", "tokenizer", MARKER} | shards  # MARKER: the folder is distclm's data
     text = (pydoc_prepared / "manifest.json").read_text()
     assert str(tmp_path_factory.getbasetemp()) not in text and "num_workers" not in text
 

@@ -12,6 +12,7 @@ import pytest
 
 from distclm.data.blocks import BlockReader
 from distclm.errors import UserError
+from distclm.ownership import MARKER
 from tests.support.cli import run_cli
 from tests.support.data import BIG_ARGS, PYDOC_ARGS, manifest_of, output_bytes
 from tests.support.env import child_env
@@ -67,7 +68,7 @@ def test_sigkill_then_rerun_resumes_to_identical_bytes(big_corpus, big_prepared,
     start = int(r.out.split("from document ")[1].split()[0])
     assert 0 < start < 1580  # it skipped what was done, and did not start over
     assert output_bytes(out) == output_bytes(big_prepared)
-    assert sorted(p.name for p in out.iterdir()) == sorted(["prepare.yaml", "tokenizer", *(
+    assert sorted(p.name for p in out.iterdir()) == sorted(["prepare.yaml", "tokenizer", MARKER, *(
         k for k in output_bytes(big_prepared) if not k.startswith("tokenizer/"))])
 
 
@@ -101,7 +102,7 @@ def test_other_settings_refused_unless_overwrite(cli, pydoc_prepared, tmp_path):
     assert m["shard_blocks"] == 300
     # The old shards are gone: only the new manifest's files remain.
     shards = {sh["file"] for s in m["splits"].values() for sh in s["shards"]}
-    assert {p.name for p in out.iterdir()} == {"manifest.json", "prepare.yaml", "tokenizer"} | shards
+    assert {p.name for p in out.iterdir()} == {"manifest.json", "prepare.yaml", "tokenizer", MARKER} | shards
     assert m["splits"]["train"]["n_blocks"] == manifest_of(pydoc_prepared)["splits"]["train"]["n_blocks"]
 
 
