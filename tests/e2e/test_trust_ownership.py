@@ -142,7 +142,7 @@ def test_overwrite_of_its_own_data_removes_only_its_own_files(cli, tmp_path, pre
     shards = {s["file"] for sp in json.loads((out / "manifest.json").read_text())["splits"].values()
               for s in sp["shards"]}
     assert len(shards) > 2
-    assert {p.name for p in out.iterdir()} == {"manifest.json", "prepare.yaml", MARKER, "notes.txt", "extra.bin",
+    assert {p.name for p in out.iterdir()} == {"manifest.json", "prepare.yaml", "tokenizer", MARKER, "notes.txt", "extra.bin",
                                                 "sub.bin", "train-1.bin"} | shards
 
 
