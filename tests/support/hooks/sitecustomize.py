@@ -13,6 +13,7 @@
     DISTCLM_TEST_SLOW_SAVE="0:8"         every checkpoint save takes 8 s longer on rank 0 (slow storage)
     DISTCLM_TEST_TEARDOWN_HANG="PATH"    the interpreter's teardown never ends (an object freed with this module
                                          sleeps in __del__); an atexit handler writes "atexit ran" to PATH first
+    DISTCLM_TEST_FAKE_VERSION="1:torch=9.9.9"  rank 1 reports torch 9.9.9 to the start-up version check
 """
 
 import os
@@ -117,3 +118,13 @@ if _slow_eval or _slow_save:
         return _save_checkpoint(*args, **kwargs)
 
     _evaluation.evaluate_splits, _loop.save_checkpoint = evaluate_splits, save_checkpoint
+
+
+_fake_version = _on_this_rank("DISTCLM_TEST_FAKE_VERSION")
+
+if _fake_version:
+    import distclm.launch_checks as _launch_checks
+
+    _package, _, _version = _fake_version.partition("=")
+    _versions = _launch_checks.versions
+    _launch_checks.versions = lambda: {**_versions(), _package: _version}
