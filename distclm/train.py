@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from distclm import dist
+from distclm import dist, exit_code
 from distclm.activity import Activity, attach_ddp, clock_for, instrumented
 from distclm.checkpoint import check_compatible, find_resume, load_checkpoint, needs_universal, read_meta
 from distclm.config import Config
@@ -273,7 +273,10 @@ def train_once(cfg: Config) -> dict:
         if watchdog is not None:
             watchdog.stop()
         stop.restore()
-        engine.close() if engine is not None else dist.destroy()
+        # This rank's work is done: the group released under the grace, with the code this run ends with
+        # (dist.work_done); the engine is kept, never freed (its Reducer's destructor is the deadlock dist.release
+        # describes).
+        dist.work_done(exit_code.of(sys.exc_info()[1]), hold=engine)
 
 
 def train_command(inv) -> int:
@@ -284,7 +287,7 @@ def train_command(inv) -> int:
         train(inv.cfg)
     except Preempted as exc:
         print(f"distclm: {exc}", file=sys.stderr)
-        return 143  # 128 + SIGTERM
+        return exc.exit_code
     except NonFinite as exc:
         print(f"distclm: error: {exc}", file=sys.stderr)
         return 1
