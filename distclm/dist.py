@@ -167,19 +167,18 @@ def arm_grace(code: int, seconds: float | None = None) -> None:
     flushed now: _exit flushes nothing. Only in a process of distclm's own (own_process); re-arming replaces."""
     import faulthandler
 
+    global _timer
     if not _owned:
         return
     disarm_grace()
     seconds = EXIT_GRACE_S if seconds is None else seconds
     _flush()
-    global _timer
     _timer = _exit_timer(seconds + 1.0, code)
-    faulthandler.dump_traceback_later(seconds, exit=_timer is None)
+    faulthandler.dump_traceback_later(seconds, exit=_timer is None, file=2)  # fd 2: whatever wraps sys.stderr
 
 
 def disarm_grace() -> None:
     import faulthandler
-
     global _timer
     faulthandler.cancel_dump_traceback_later()
     if _timer is not None:
@@ -190,9 +189,8 @@ def disarm_grace() -> None:
 
 
 def _exit_timer(seconds: float, code: int):
-    """A POSIX timer (CLOCK_MONOTONIC, SIGEV_THREAD) that calls _exit(code) on a thread of the C library's own when
-    it expires -> its timer_t, or None where that cannot be set (not Linux, no timer_create). The notify function
-    takes one `union sigval`, passed like an int: _exit(sival_int)."""
+    """A POSIX timer (CLOCK_MONOTONIC, SIGEV_THREAD) whose expiry calls _exit(code) (its one `union sigval` argument
+    is passed as an int) on a C library thread -> its timer_t; None where it cannot be set (not Linux)."""
     import ctypes
 
     class TimeSpec(ctypes.Structure):

@@ -127,4 +127,4 @@ def test_ranks_running_other_versions_are_named_by_rank_and_host():
     line = str(e.value)
     assert "\n" not in line
     assert line.startswith("rank 2 on node 1 on gpu1 runs torch 9.9.9 (rank 0: ")
-    assert f"rank 0 runs on node 0 on gpu0" in line and "1 more rank(s) differ" in line
+    assert "rank 0 runs on node 0 on gpu0" in line and "1 more rank(s) differ" in line
