@@ -169,9 +169,9 @@ def command_help(command: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     exit_code.started()
-    safe_load.forbid_code_from_files()  # before any command reads a file: every torch.load is weights-only
     try:
-        code = run_command(sys.argv[1:] if argv is None else argv)
+        with safe_load.weights_only_loads():  # before any command reads a file: every torch.load is weights-only
+            code = run_command(sys.argv[1:] if argv is None else argv)
     except SystemExit as exc:
         exit_code.record(status(exc))
         raise

@@ -45,6 +45,19 @@ def forbid_code_from_files() -> None:
     os.environ[FORCE] = "1"
 
 
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """forbid_code_from_files for the block (cli.main: a command, and the processes it starts), the environment
+    restored after it for a program that runs main() inside its own process (the tests' in-process calls)."""
+    saved = {k: os.environ.get(k) for k in (FORCE, FORCE_NOT)}
+    forbid_code_from_files()
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+
+
 def unsafe_globals(path: Path) -> list[str]:
     """What loading `path` would call beyond torch's safe set and DEEPSPEED_TYPES, read from its pickle's opcodes
     (nothing is run); a pickle that is not a torch.save archive counts as unsafe as a whole; [] for anything else."""

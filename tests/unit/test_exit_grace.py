@@ -68,3 +68,16 @@ def test_pickles_are_found_by_their_opcodes_without_running(tmp_path):
     finally:
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def test_main_loads_weights_only_and_gives_the_environment_back(monkeypatch):
+    import os
+
+    from distclm import cli
+    from distclm.safe_load import FORCE
+
+    seen = []
+    monkeypatch.delenv(FORCE, raising=False)
+    monkeypatch.setattr(cli, "run_command", lambda argv: seen.append(os.environ.get(FORCE)) or 0)
+    assert cli.main(["doctor"]) == 0
+    assert seen == ["1"] and FORCE not in os.environ
