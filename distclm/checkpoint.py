@@ -7,7 +7,7 @@ RUN/checkpoints/step-N/
     config.yaml      the run's resolved config (and ds_config.json under DeepSpeed)
     model/           Hugging Face config + tokenizer; full weights (safetensors) except under ZeRO-3 and LoRA
     trainable.safetensors   LoRA: the adapter's weights (the frozen base is rebuilt from --model.name)
-    optimizer.pt     DDP: optimizer state (tensors only: loads with weights_only=True)
+    optimizer.pt     DDP: optimizer state (tensors only: loads with weights_only=True, as every file here: safe_load.py)
     deepspeed/       ZeRO: DeepSpeed's own shards (model + optimizer partitions), as they are
     universal/       ZeRO, made on demand: the shards converted for another world size
     scheduler.json   the schedule's step count
@@ -30,6 +30,7 @@ from pathlib import Path
 
 from distclm.atomic import atomic_dir, fresh_dir, publish_dir
 from distclm.errors import UserError
+from distclm.safe_load import refuse_code
 
 COMPLETE = "COMPLETE"
 
@@ -186,6 +187,7 @@ def load_checkpoint(engine, path: Path, meta: dict) -> None:
     if not is_zero(strategy) and not (path / "optimizer.pt").exists():
         raise UserError(f"cannot resume from {path}: it holds ZeRO shards (written with a ZeRO strategy); "
                         f"resume with the same --train.strategy")
+    refuse_code(path)  # on every rank, before any collective of the load: a file holding code, one line
     universal = ensure_universal(engine, path) if needs_universal(meta, strategy, engine.world) else None
     engine.load_state(path, universal)
 

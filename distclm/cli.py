@@ -17,7 +17,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
-from distclm import __version__, config, dist, exit_code
+from distclm import __version__, config, dist, exit_code, safe_load
 from distclm.errors import UserError
 
 
@@ -170,7 +170,8 @@ def command_help(command: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     exit_code.started()
     try:
-        code = run_command(sys.argv[1:] if argv is None else argv)
+        with safe_load.weights_only_loads():  # before any command reads a file: every torch.load is weights-only
+            code = run_command(sys.argv[1:] if argv is None else argv)
     except SystemExit as exc:
         exit_code.record(status(exc))
         raise
@@ -189,6 +190,7 @@ def status(exc: SystemExit) -> int:
 def entry() -> None:
     """The `distclm` command and `python -m distclm.cli`: main(), then dist.end_process, which ends a process
     that formed a process group without the interpreter's teardown. The tests call main() in-process instead."""
+    dist.own_process()  # this process is the rank's: a grace past its work (dist.arm_grace) may end it
     try:
         code = main()
     except SystemExit as exc:  # main's own sys.exit, argparse's: the same code a plain exit would give

@@ -97,7 +97,137 @@ def all_gather_object(obj) -> list:
 
 # Set once this process sets out to form a process group: end_process then skips the interpreter's teardown.
 _formed = False
-EXIT_GRACE_S = 60.0  # for the waiting end_process still does (threads, atexit handlers)
+# Set by the process's own entry point (cli.entry, the probe): it ends through end_process, so a grace may end it.
+# Not set when main() runs inside another program (the tests' in-process calls): that program owns its exit.
+_owned = False
+# What still holds a destroyed process group (the DDP Reducer, DeepSpeed's engine): kept until os._exit, never freed.
+_held = None
+EXIT_GRACE_S = 60.0  # from the moment a rank's work is done to its exit, at most (plus the stacks' print)
+
+
+def own_process() -> None:
+    """This process is a distclm rank's own (cli.entry, the probe): past a grace, arm_grace may end it."""
+    global _owned
+    _owned = True
+
+
+def release(hold=None, wait: bool = True) -> None:
+    """The process group released in an order that cannot deadlock (the teardown deadlock in DESIGN.md):
+
+    1. `wait`: the device synchronised and a barrier, so every collective of this rank has completed on every rank;
+    2. destroy_process_group: the group is unregistered and its backends shut down, explicitly;
+    3. what still holds the group (`hold`: the Engine, through it DDP's Reducer or DeepSpeed's engine) is kept until
+       the process ends with os._exit, never freed. Freeing the last reference runs ~ProcessGroupGloo, which joins
+       gloo's worker threads while the freeing thread holds the GIL; a worker still destroying a finished work
+       (AsyncAllgatherWork of a barrier) waits for the GIL to drop a tensor: neither moves again. gloo's backend
+       has no shutdown of its own that would join them first (c10d Backend::shutdown is a no-op for it).
+    """
+    global _held
+    if hold is not None:
+        _held = hold  # the previous one's threads are long idle: replacing it frees it safely
+    td = _pg()
+    if td is None:
+        return
+    try:
+        if wait:
+            import torch
+
+            if torch.cuda.is_initialized():  # kernels still queued (an NCCL collective among them) finish first
+                torch.cuda.synchronize()
+            td.barrier()
+    finally:
+        td.destroy_process_group()
+
+
+def work_done(code: int, hold=None) -> None:
+    """A rank's work is done (train's, eval's, generate's, the probe's `finally`): the group is released under the
+    grace, so a release that blocks ends the process with `code`, the run's own, and every stack printed."""
+    with grace(code):
+        release(hold)
+
+
+@contextmanager
+def grace(code: int, seconds: float | None = None) -> Iterator[None]:
+    """The block ends within `seconds` (EXIT_GRACE_S): past it, every thread's stack on stderr, and exit `code`."""
+    arm_grace(code, seconds)
+    try:
+        yield
+    finally:
+        disarm_grace()
+
+
+_timer = None  # the armed POSIX timer (a ctypes timer_t)
+
+
+def arm_grace(code: int, seconds: float | None = None) -> None:
+    """From now on this process ends within `seconds`, whatever its threads do. At the deadline faulthandler prints
+    every thread's stack and, a second later, a POSIX timer's thread calls _exit(code). Both run outside Python:
+    the main thread may hold the GIL in a C++ destructor forever (as in the teardown deadlock), where a Python timer
+    thread would wait for the GIL too. Where the C library has no such timer, faulthandler exits, with 1. Output is
+    flushed now: _exit flushes nothing. Only in a process of distclm's own (own_process); re-arming replaces."""
+    import faulthandler
+
+    global _timer
+    if not _owned:
+        return
+    disarm_grace()
+    seconds = EXIT_GRACE_S if seconds is None else seconds
+    _flush()
+    _timer = _exit_timer(seconds + 1.0, code)
+    faulthandler.dump_traceback_later(seconds, exit=_timer is None, file=2)  # fd 2: whatever wraps sys.stderr
+
+
+def disarm_grace() -> None:
+    import faulthandler
+    global _timer
+    faulthandler.cancel_dump_traceback_later()
+    if _timer is not None:
+        import ctypes
+
+        ctypes.CDLL(None).timer_delete(_timer)
+        _timer = None
+
+
+def _exit_timer(seconds: float, code: int):
+    """A POSIX timer (CLOCK_MONOTONIC, SIGEV_THREAD) whose expiry calls _exit(code) (its one `union sigval` argument
+    is passed as an int) on a C library thread -> its timer_t; None where it cannot be set (not Linux)."""
+    import ctypes
+
+    class TimeSpec(ctypes.Structure):
+        _fields_ = [("sec", ctypes.c_long), ("nsec", ctypes.c_long)]
+
+    class ITimerSpec(ctypes.Structure):
+        _fields_ = [("interval", TimeSpec), ("value", TimeSpec)]
+
+    class SigEvent(ctypes.Structure):  # struct sigevent on Linux: value, signo, notify, then the thread's function
+        _fields_ = [("value", ctypes.c_void_p), ("signo", ctypes.c_int), ("notify", ctypes.c_int),
+                    ("function", ctypes.c_void_p), ("attribute", ctypes.c_void_p), ("pad", ctypes.c_int * 8)]
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        event = SigEvent(value=code & 0xFF, notify=2,  # SIGEV_THREAD
+                         function=ctypes.cast(libc._exit, ctypes.c_void_p).value)
+        timer = ctypes.c_void_p()
+        if libc.timer_create(1, ctypes.byref(event), ctypes.byref(timer)) != 0:  # CLOCK_MONOTONIC
+            return None
+        whole = int(seconds)
+        spec = ITimerSpec(value=TimeSpec(whole, int((seconds - whole) * 1e9)))
+        if libc.timer_settime(timer, 0, ctypes.byref(spec), None) != 0:
+            libc.timer_delete(timer)
+            return None
+        return timer
+    except (OSError, AttributeError):  # no such symbol in this C library
+        return None
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that left, a closed stream: nothing more can be said there
+            pass
 
 
 def end_process(code: int) -> NoReturn:
@@ -105,35 +235,22 @@ def end_process(code: int) -> NoReturn:
     first (waits for its non-daemon threads, runs the atexit handlers, flushes stdout and stderr), then leaves with
     os._exit and skips the interpreter's teardown: there torch's C++ threads race the interpreter for the GIL
     (pytorch/pytorch#190489), a rare abort or a rank that has printed its last line and never exits, so a pod is
-    never restarted. Should that waiting outlast EXIT_GRACE_S, faulthandler prints every thread's stack and exits 1.
-    Without a group this is sys.exit."""
+    never restarted. A group still formed (doctor's) is released first. All of it under the grace (arm_grace): past
+    EXIT_GRACE_S, every thread's stack and exit `code`. Without a group this is sys.exit."""
     if not _formed:
         sys.exit(code)
     import atexit
-    import faulthandler
     import threading
 
-    faulthandler.dump_traceback_later(EXIT_GRACE_S, exit=True)
+    own_process()
+    arm_grace(code)
+    release(wait=False)
     for thread in threading.enumerate():
         if thread is not threading.main_thread() and not thread.daemon:
             thread.join()
     atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a reader that left, a closed stream: nothing more can be said there
-            pass
+    _flush()
     os._exit(code)
-
-
-def destroy() -> None:
-    """barrier + destroy_process_group before exit: avoids a rare abort at interpreter shutdown."""
-    td = _pg()
-    if td is not None:
-        try:
-            td.barrier()
-        finally:
-            td.destroy_process_group()
 
 
 def free_port() -> int:

@@ -147,10 +147,12 @@ def _all_reduce(cfg: Config, mine: RankInfo, store, timeout_s: float) -> str | N
     import torch.distributed as td
 
     from distclm.dist import form_process_group, pick_backend
+    from distclm.launch_checks import check_same_versions
 
     try:
         # The same process-group formation as train, eval and generate, on the check-in store.
         form_process_group(cfg.train, store=td.PrefixStore("pg", store), needed=True)
+        check_same_versions()  # a mismatch is this launch's problem, named by rank and host
         cuda = pick_backend(cfg.train) == "nccl"
         x = torch.ones(1024, device=dist.device() if cuda else torch.device("cpu"))
         td.all_reduce(x)

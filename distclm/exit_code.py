@@ -23,6 +23,20 @@ import os
 NOT_A_CAUSE = (0, 130, 143)
 
 
+def of(exc: BaseException | None) -> int:
+    """The code a command ends with while `exc` is in flight (None: it returned, 0), the way cli.main turns them
+    into codes: a user error 2, Ctrl-C 130, an exception's own `exit_code` (a preemption's 143), anything else 1."""
+    from distclm.errors import UserError
+
+    if exc is None:
+        return 0
+    if isinstance(exc, SystemExit):
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+    if isinstance(exc, KeyboardInterrupt):
+        return 130
+    return getattr(exc, "exit_code", 2 if isinstance(exc, UserError) else 1)
+
+
 def _attempt() -> str | None:
     folder = os.environ.get("DISTCLM_EXIT_DIR")
     if not folder or not os.path.isdir(folder):

@@ -13,6 +13,10 @@ Once the process group exists (`check_launch`, right after the run dir is agreed
    checkpoint shards where no one will ever find them.
 
 Every rank computes the same verdict (or receives rank 0's), so every rank raises the same UserError.
+
+As soon as any command forms a multi-rank group (`check_same_versions`, from Engine.start): every rank runs the same
+distclm, torch, transformers and deepspeed. Two versions exchange tensors and checkpoints in formats only one of
+them may read, and the failure, if any, comes far from its cause.
 """
 
 from __future__ import annotations
@@ -158,6 +162,48 @@ def shared_dir_message(run_dir: Path, missing: list[int], infos: list[RankInfo])
     return (f"the run dir {run_dir} is not the same folder on every node: rank 0 ({by_rank[0].where}) cannot see "
             f"the probe files of rank(s) {ranks} on {', '.join(nodes)}; put --run.dir (and --data.dir) on storage "
             f"that every node mounts at the same path (NFS, Lustre, a shared PVC)")
+
+
+VERSIONED = ("distclm", "torch", "transformers", "deepspeed")
+
+
+def versions() -> dict[str, str]:
+    """The versions this rank runs, of the packages every rank must share ("not installed" when absent)."""
+    from importlib import metadata
+
+    from distclm import __version__
+
+    found = {"distclm": __version__}
+    for name in VERSIONED[1:]:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def check_versions(infos: list[RankInfo], found: list[dict[str, str]]) -> None:
+    """`found[i]`: rank infos[i]'s versions. The first rank (in rank order) that differs from rank 0 is named with
+    its host and each package that differs. Pure: every rank gets the same verdict."""
+    pairs = sorted(zip(infos, found), key=lambda p: p[0].rank)
+    (first, ref), odd = pairs[0], [(i, v) for i, v in pairs[1:] if v != pairs[0][1]]
+    if not odd:
+        return
+    info, theirs = odd[0]
+    diff = ", ".join(f"{k} {theirs.get(k)} (rank {first.rank}: {ref.get(k)})" for k in VERSIONED
+                     if theirs.get(k) != ref.get(k))
+    more = f"; {len(odd) - 1} more rank(s) differ too" if len(odd) > 1 else ""
+    raise UserError(f"rank {info.rank} on {info.where} runs {diff} while rank {first.rank} runs on {first.where}"
+                    f"{more}: every rank must run the same {', '.join(VERSIONED)}; install the same versions on "
+                    f"every node (`distclm doctor` lists them)")
+
+
+def check_same_versions() -> None:
+    """check_versions across the process group, collectively (nothing to compare on one process)."""
+    if dist.world_size() == 1 or dist.group_rank_and_size() is None:
+        return
+    gathered = dist.all_gather_object((asdict(rank_info()), versions()))
+    check_versions([RankInfo(**i) for i, _ in gathered], [v for _, v in gathered])
 
 
 def check_launch(run_dir: Path) -> str | None:

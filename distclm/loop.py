@@ -44,6 +44,8 @@ from distclm.trackers import Trackers
 class Preempted(Exception):
     """SIGTERM: a checkpoint was saved; exit with 143 so a restart policy retries."""
 
+    exit_code = 143  # 128 + SIGTERM
+
 
 class NonFinite(Exception):
     """Too many consecutive non-finite steps: stop, keeping the last good checkpoint."""

@@ -136,14 +136,25 @@ def _source(name: str) -> str:
 
 
 def _load_error(name: str, exc: Exception) -> UserError:
-    first = first_line(exc)
+    first, text = first_line(exc), str(exc)
+    if "custom code" in text or "trust_remote_code" in text:  # transformers' refusal (a folder's or a hub repo's)
+        return UserError(f"--model.name={name}: the model comes with its own code (auto_map in its config.json), "
+                         f"which distclm does not run by default; pass --model.trust_remote_code=true only if you "
+                         f"trust that code")
+    if "Weights only load failed" in text:  # a pickle that would run code (safe_load.py): name the file
+        from distclm.safe_load import find_unsafe, refusal
+
+        hit = find_unsafe(Path(resolve_model_dir(name)).expanduser()) if is_local(name) else None
+        if hit is not None:
+            return UserError(refusal(*hit, "save the model as safetensors (save_pretrained's default) or use "
+                                           "another --model.name"))
+        return UserError(f"--model.name={name}: its weights hold more than tensors, which loading would run as "
+                         f"code; use a model saved as safetensors (or with torch.save of tensors only)")
     if is_local(name):
         return UserError(f"--model.name={name}: cannot load the model from this folder ({first})")
     from distclm.hub import hub_reachable, offline_hint
 
     why = offline_hint("model", "--model.name") if not hub_reachable() else first
-    if "trust_remote_code" in first:
-        why = f"{first}; pass --model.trust_remote_code=true only if you trust its code"
     return UserError(f"--model.name={name}: cannot load it from the Hugging Face Hub: {why}; "
                      f"or use a preset: --model.name=gpt2-tiny")
 

@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from distclm import dist, hub_push
+from distclm import dist, exit_code, hub_push
 from distclm.activity import Activity, attach_ddp, clock_for, instrumented
 from distclm.atomic import check_writable
 from distclm.checkpoint import check_compatible, find_resume, load_checkpoint, needs_universal, read_meta
@@ -282,7 +282,10 @@ def train_once(cfg: Config) -> dict:
         if run is not None:  # the run dir's lock, on every way out (a refusal inside claim_run_dir let it go)
             run.release()
         stop.restore()
-        engine.close() if engine is not None else dist.destroy()
+        # This rank's work is done: the group released under the grace, with the code this run ends with
+        # (dist.work_done); the engine is kept, never freed (its Reducer's destructor is the deadlock dist.release
+        # describes).
+        dist.work_done(exit_code.of(sys.exc_info()[1]), hold=engine)
 
 
 def train_command(inv) -> int:
@@ -294,7 +297,7 @@ def train_command(inv) -> int:
         summary = train(inv.cfg)
     except Preempted as exc:
         print(f"distclm: {exc}", file=sys.stderr)
-        return 143  # 128 + SIGTERM
+        return exc.exit_code
     except NonFinite as exc:
         print(f"distclm: error: {exc}", file=sys.stderr)
         return 1

@@ -20,6 +20,7 @@ import importlib
 import json
 import math
 import os
+import sys
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -27,10 +28,13 @@ from typing import Iterator
 
 import torch
 
-from distclm import dist, ds_config, optim
+from distclm import dist, ds_config, exit_code, optim
 from distclm.dist import form_process_group, pick_backend, pick_precision, return_freed_memory
+from distclm.engine.zero_files import allow_deepspeed_types
 from distclm.errors import UserError
+from distclm.launch_checks import check_same_versions
 from distclm.moe import z3_leaves
+from distclm.safe_load import refusing_code
 
 # DeepSpeed calls torch.distributed functions that this torch deprecates (reduce_scatter_tensor,
 # all_gather_into_tensor): one FutureWarning per call site on every rank, noise for a user.
@@ -69,6 +73,7 @@ class Engine:
         if ds is not None and universal:  # DeepSpeed reads this switch from the config it is built with
             ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
         form_process_group(t, needed=ds is not None)
+        check_same_versions()  # before anything is exchanged in a format two versions may disagree on
         if ds is not None:  # DeepSpeed's own comm adopts the group (zero.Init reads the world size from it)
             import deepspeed
 
@@ -215,8 +220,10 @@ class Engine:
         dist.barrier()
 
     def close(self) -> None:
-        """barrier + destroy_process_group: avoids a rare abort at interpreter shutdown."""
-        dist.destroy()
+        """This rank's work with the engine is done (a command's `finally`): barrier, destroy_process_group, and this
+        engine kept until the process ends, all under the grace, whose exit code is the one the exception in flight
+        (if any) gives the command (dist.work_done, dist.release: why nothing here is ever freed)."""
+        dist.work_done(exit_code.of(sys.exc_info()[1]), hold=self)
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -283,7 +290,14 @@ class Engine:
     def load_state(self, folder: Path, universal_folder: Path | None = None) -> None:
         """Model, optimizer and schedule from a checkpoint folder (`universal_folder`: its universal copy)."""
         hyper = [{k: v for k, v in g.items() if k != "params"} for g in self.scheduler.optimizer.param_groups]
+        with refusing_code(folder):  # every load is weights-only (safe_load.py): a file holding code, one line
+            self._load_state(folder, universal_folder)
+        self.scheduler.load_state_dict(json.loads((folder / "scheduler.json").read_text()))
+        self._repair_after_load(hyper)
+
+    def _load_state(self, folder: Path, universal_folder: Path | None) -> None:
         if self.ds is not None:
+            allow_deepspeed_types()
             path, _ = self.model.load_checkpoint(str(universal_folder or folder / "deepspeed"), tag="state",
                                                  load_optimizer_states=True, load_lr_scheduler_states=False,
                                                  load_module_strict=not self.has_frozen)
@@ -292,8 +306,6 @@ class Engine:
                                 f"deepspeed/")
         else:
             self._load_plain(folder)
-        self.scheduler.load_state_dict(json.loads((folder / "scheduler.json").read_text()))
-        self._repair_after_load(hyper)
 
     def _load_plain(self, folder: Path) -> None:
         from safetensors.torch import load_file

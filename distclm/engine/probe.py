@@ -22,8 +22,9 @@ import transformers  # noqa: F401
 
 import distclm.train  # noqa: F401
 from distclm.config import TrainConfig
-from distclm.dist import end_process, free_port
+from distclm.dist import end_process, free_port, own_process
 from distclm.engine.core import Engine
+from distclm.safe_load import forbid_code_from_files
 
 STATES = 2 * 64 * 65 * 16  # the probe model's weights, gradients, DDP buckets/partitions and Adam states, at most
 
@@ -63,6 +64,8 @@ def rank(strategy: str) -> int:
 
 
 if __name__ == "__main__":
+    own_process()  # ended like a rank: a release that blocks is cut short by the grace (dist.work_done)
+    forbid_code_from_files()  # as every distclm process: the checkpoint it writes and reads back loads weights-only
     rate = matmul_tflops()
     ddp = rank("ddp")
     print(json.dumps({"baseline_bytes": ddp, "baseline_zero_bytes": rank("zero2"), "matmul_tflops": rate}))

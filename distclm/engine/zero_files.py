@@ -3,6 +3,10 @@
     to_universal(CKPT/deepspeed/state, CKPT/universal/state)   shards -> universal checkpoint (any world)
     zero_shards_state_dict(CKPT)                               shards -> {name: lazy fp32 tensor} (export)
     deepspeed_ops(cache)                                       C++ ops this machine has or can build (doctor)
+    allow_deepspeed_types()                                    what DeepSpeed's files hold beside tensors
+
+Every torch.load here is weights-only (distclm/safe_load.py forces it for the process, DeepSpeed's weights_only=False
+notwithstanding): a file holding anything else is refused with one line naming it.
 """
 
 from __future__ import annotations
@@ -13,6 +17,19 @@ import os
 from argparse import Namespace
 from pathlib import Path
 
+from distclm.errors import UserError
+from distclm.safe_load import DEEPSPEED_TYPES, refuse_code, refusing_code
+
+
+def allow_deepspeed_types() -> None:
+    """Let weights-only loads build safe_load.DEEPSPEED_TYPES (the why of each is there); idempotent."""
+    import importlib
+
+    import torch
+
+    torch.serialization.add_safe_globals([getattr(importlib.import_module(m), n) for m, n in
+                                          (t.rsplit(".", 1) for t in DEEPSPEED_TYPES)])
+
 
 def to_universal(src: Path, dst: Path) -> None:
     """ZeRO shards (one tag folder) -> a DeepSpeed universal checkpoint that any world size loads. In this
@@ -22,10 +39,14 @@ def to_universal(src: Path, dst: Path) -> None:
 
     args = Namespace(input_folder=str(src), output_folder=str(dst), num_extract_workers=1,
                      num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    allow_deepspeed_types()
+    refuse_code(src)
     log = io.StringIO()
     try:
-        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        with refusing_code(src), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             ds_to_universal.main(args)
+    except UserError:
+        raise
     except Exception as exc:
         raise RuntimeError(f"DeepSpeed's ds_to_universal failed on {src}: {exc}\n"
                            f"{log.getvalue()[-4000:]}") from exc
@@ -35,7 +56,10 @@ def zero_shards_state_dict(folder: Path) -> dict:
     """A ZeRO checkpoint's fp32 weights as lazy tensors (`.contiguous()` reads one), files memory-mapped."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with contextlib.redirect_stdout(None):
+    allow_deepspeed_types()
+    fix = "put back the file distclm wrote, or export another checkpoint of the run"
+    refuse_code(folder / "deepspeed", fix)
+    with refusing_code(folder / "deepspeed", fix), contextlib.redirect_stdout(None):
         return get_fp32_state_dict_from_zero_checkpoint(str(folder / "deepspeed"), tag="state",
                                                         lazy_mode=True)
 

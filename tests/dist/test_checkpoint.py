@@ -352,7 +352,9 @@ def test_no_unsafe_loading_in_distclm():
     for path, text in src.items():
         for call in re.findall(r"torch\.load\(([^)]*)\)", text):
             assert "weights_only=True" in call, f"{path}: torch.load({call}) without weights_only=True"
-        assert not re.search(r"^\s*(import|from)\s+(pickle|cPickle|dill|joblib)\b", text, re.M), path
+        # Catching torch's weights-only refusal (safe_load.py) imports its error type, nothing that loads.
+        assert not re.search(r"^\s*(import\s+(pickle|cPickle|dill|joblib)\b|from\s+(pickle|cPickle|dill|joblib)\s+"
+                             r"import\s+(?!UnpicklingError\b))", text, re.M), path
         assert "pickle.load" not in text, path
     assert any("torch.load(" in t for t in src.values())  # the check above looked at something
 

@@ -53,3 +53,31 @@ def test_ranks_end_with_their_code_and_output_when_the_teardown_would_hang(tmp_p
     assert verdict in done[0].stdout
     assert [m.read_text() for m in markers] == ["atexit ran\n"] * 2  # atexit handlers ran, before the exit
     assert elapsed < 60  # not the 90 s timeout: no rank waited on its teardown
+
+
+def release_hangs(grace_s: int) -> dict:
+    return {"DISTCLM_TEST_RELEASE_HANG": f"1:{grace_s}"}
+
+
+@pytest.mark.parametrize("entry", [0, 1], ids=["python-m", "console-script"])
+@pytest.mark.parametrize("case", ["done", "user-error"])
+def test_a_rank_whose_release_blocks_ends_within_the_grace_with_the_runs_code(pydoc_blocks, tmp_path, entry, case):
+    """Rule 7 of issue 28: rank 1's release of its group blocks for good, in C, holding the GIL (the shape of the
+    deadlock in ~ProcessGroupGloo); it still ends within the grace, every stack printed, with the code of its run:
+    0 after a finished training, 2 after a user error (here: rank 1 claims another torch)."""
+    if not Path(COMMANDS[entry][0]).exists():
+        pytest.skip(f"no console script at {COMMANDS[entry][0]} (the package is not installed in this interpreter)")
+    grace, port = 5, free_port()
+    hooks = release_hangs(grace) | ({"DISTCLM_TEST_FAKE_VERSION": "1:torch=9.9.9"} if case == "user-error" else {})
+    envs = [rank_env(r, 2, port, hooks) for r in range(2)]
+    cmd = [*COMMANDS[entry], "train", f"--data.dir={pydoc_blocks}", "--model.name=gpt2-tiny",
+           f"--run.dir={tmp_path / 'r'}", "--train.max_steps=2", "--train.micro_batch_size=4", "--eval.max_blocks=8"]
+    done = run_ranks([cmd, cmd], envs, timeout=240)
+    want = 0 if case == "done" else 2
+    assert [p.returncode for p in done] == [want, want], [p.stderr[-2000:] for p in done]
+    stacks = done[1].stderr
+    assert f"Timeout (0:00:0{grace})!" in stacks and "most recent call first" in stacks, stacks[-3000:]
+    assert "blocked_in_c_holding_the_gil" in stacks  # the dump shows where it was stuck
+    assert "Timeout" not in done[0].stderr  # rank 0 released normally
+    if case == "done":
+        assert (tmp_path / "r" / "summary.json").exists()

@@ -112,3 +112,19 @@ def test_rendezvous_messages_name_endpoint_and_timeout():
     assert "only 1 of 2 ranks joined the rendezvous at 10.0.0.1:29500 within 5s" in rendezvous_message(store, 5, env, "a")
     gloo = RuntimeError("[gloo/transport/tcp/pair.cc:446] Connect timeout [10.0.0.1]:1234")
     assert "could not connect the backend" in rendezvous_message(gloo, 5, env, "a")
+
+
+def test_ranks_running_other_versions_are_named_by_rank_and_host():
+    from distclm.launch_checks import check_versions, versions
+
+    mine = versions()
+    assert set(mine) == {"distclm", "torch", "transformers", "deepspeed"}
+    infos = cluster(2, 2)
+    check_versions(infos, [mine] * 4)  # all the same: nothing to say
+    odd = [mine, mine, {**mine, "torch": "9.9.9"}, {**mine, "deepspeed": "0.1"}]
+    with pytest.raises(UserError) as e:
+        check_versions(infos, odd)
+    line = str(e.value)
+    assert "\n" not in line
+    assert line.startswith("rank 2 on node 1 on gpu1 runs torch 9.9.9 (rank 0: ")
+    assert "rank 0 runs on node 0 on gpu0" in line and "1 more rank(s) differ" in line

@@ -13,6 +13,10 @@
     DISTCLM_TEST_SLOW_SAVE="0:8"         every checkpoint save takes 8 s longer on rank 0 (slow storage)
     DISTCLM_TEST_TEARDOWN_HANG="PATH"    the interpreter's teardown never ends (an object freed with this module
                                          sleeps in __del__); an atexit handler writes "atexit ran" to PATH first
+    DISTCLM_TEST_FAKE_VERSION="1:torch=9.9.9"  rank 1 reports torch 9.9.9 to the start-up version check
+    DISTCLM_TEST_RELEASE_HANG="1:5"      rank 1's release of its process group (distclm.dist.release) never returns,
+                                         blocked in C while holding the GIL (as in ~ProcessGroupGloo's deadlock);
+                                         the exit grace (dist.EXIT_GRACE_S) is 5 s
 """
 
 import os
@@ -117,3 +121,32 @@ if _slow_eval or _slow_save:
         return _save_checkpoint(*args, **kwargs)
 
     _evaluation.evaluate_splits, _loop.save_checkpoint = evaluate_splits, save_checkpoint
+
+
+_fake_version = _on_this_rank("DISTCLM_TEST_FAKE_VERSION")
+
+if _fake_version:
+    import distclm.launch_checks as _launch_checks
+
+    _package, _, _version = _fake_version.partition("=")
+    _versions = _launch_checks.versions
+    _launch_checks.versions = lambda: {**_versions(), _package: _version}
+
+
+_release_hang = _on_this_rank("DISTCLM_TEST_RELEASE_HANG")
+
+if _release_hang:
+    import ctypes
+
+    import distclm.dist as _dist
+
+    _release = _dist.release
+
+    def release(*args, **kwargs):
+        _release(*args, **kwargs)
+        blocked_in_c_holding_the_gil()
+
+    def blocked_in_c_holding_the_gil():
+        ctypes.PyDLL(None).sleep(3600)  # PyDLL: the GIL is kept across the call, so no Python thread runs either
+
+    _dist.EXIT_GRACE_S, _dist.release = float(_release_hang), release
