@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from distclm.ownership import MARKER
 from tests.support.cli import run_cli
 from tests.support.env import REPO, child_env
 from tests.support.hub_standin import HubStandIn
@@ -49,9 +50,11 @@ def hub_env(hub: HubStandIn | None, home: Path, **extra) -> dict:
 
 
 def files_of(folder: Path, skip: str | None = None) -> dict[str, str]:
-    """{relative path: sha256} of every file under `folder` (not under `skip`/)."""
+    """{relative path: sha256} of every file under `folder` (not under `skip`/), but the ownership marker: it says
+    who wrote the folder on this machine, and the push leaves it out."""
     return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and not (skip and p.relative_to(folder).parts[0] == skip)}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MARKER
+            and not (skip and p.relative_to(folder).parts[0] == skip)}
 
 
 def pushed(commit: dict) -> dict[str, str]:
@@ -81,6 +84,7 @@ def test_training_pushes_its_merged_export_at_the_end(trained):
     # every file of the export, bytes identical, the card included; the merged model only (its adapter/ is what
     # --hub.adapter_only pushes); the weights as LFS, as the Hub stores them
     assert pushed(commit) == files_of(export, skip="adapter")
+    assert (export / MARKER).is_file() and MARKER not in commit["files"]  # the ownership marker stays home
     assert {"README.md", "config.json", "model.safetensors", "tokenizer.json"} <= set(commit["files"])
     assert commit["lfs"] == ["model.safetensors"]
     assert not [p for p in commit["files"] if "checkpoint" in p or "optimizer" in p or p.endswith((".pt", ".bin"))]

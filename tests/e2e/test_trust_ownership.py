@@ -177,7 +177,8 @@ def out_cases(root: Path, run: Path, data: Path) -> dict[str, tuple[Path, str]]:
         "a folder holding a data folder": (make(root / "datasets", {"x.txt": "mine\n"}),
                                            "holds a prepared dataset (distclm prepare)"),
         "a foreign folder": (foreign, "holds 2 entries distclm did not write (config.json, pytorch_model.bin)"),
-        "a file": (make(root, {"file.txt": "x"}) / "file.txt", "exists and is not a folder"),
+        # (the writable check that every output gets sees a file first: its own wording, "--out=PATH: ...")
+        "a file": (make(root, {"file.txt": "x"}) / "file.txt", "is a file, not a folder"),
         "a link to an earlier export": (root / "link", "exists and is not a folder (a file or a link)"),
     }
 
@@ -198,7 +199,7 @@ def test_export_refuses_what_is_not_an_earlier_export(cli, tmp_path, trained, pr
     out, says = out_cases(root, run, data)[case]
     before = tree(tmp_path)
     line = cli("export", run, "--out", out, *(["--overwrite"] if overwrite else [])).error_line()
-    assert line.startswith(f"distclm: error: --out {out} {says}"), line
+    assert line.startswith((f"distclm: error: --out {out} {says}", f"distclm: error: --out={out}: {out} {says}")), line
     assert tree(tmp_path) == before
 
 
