@@ -99,6 +99,7 @@ def test_a_manifest_edited_wrong_is_one_line_naming_the_field(cli, folder, path,
     assert snapshot(folder) == before
 
 
+@pytest.mark.slow  # real processes or many rounds: make test, not test-fast
 @pytest.mark.parametrize("command", ["train", "eval"])
 def test_train_and_eval_refuse_a_bad_manifest_the_same_way(folder, tmp_path, command):
     edit(folder, setter("splits.train.n_blocks", "many"))

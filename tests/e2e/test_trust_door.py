@@ -208,7 +208,8 @@ OUTPUTS = {  # name -> (flag, argv for an output at OUT)
 
 
 @pytest.mark.parametrize("how", HOW)
-@pytest.mark.parametrize("name", list(OUTPUTS))
+# export's cases train a run first (a process, ~6 s): make test runs them, test-fast the others
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "export" else n for n in OUTPUTS])
 def test_an_output_that_cannot_be_written_is_refused_first(cli, request, pydoc_blocks, tmp_path, name, how):
     flag, argv = OUTPUTS[name]
     with read_only_place(tmp_path, how) as place:
@@ -284,6 +285,7 @@ def small_disk(tmp_path, request):
     subprocess.run(["umount", str(disk)], check=True)
 
 
+@pytest.mark.slow  # trains a run first (trained_run)
 def test_export_onto_a_disk_too_small_is_refused_before_writing(trained_run, small_disk):
     before = snapshot(trained_run)
     out = small_disk / "export"
@@ -295,6 +297,7 @@ def test_export_onto_a_disk_too_small_is_refused_before_writing(trained_run, sma
     assert list(small_disk.iterdir()) == [] and snapshot(trained_run) == before
 
 
+@pytest.mark.slow  # trains a run first (trained_run)
 def test_a_disk_that_fills_during_the_copy_is_one_line_and_nothing_is_left(cli, trained_run, small_disk,
                                                                             monkeypatch):
     """The free-space check made to pass (as on a disk another writer fills meanwhile): the real copy hits ENOSPC on

@@ -189,7 +189,7 @@ CASES = ["the run", "RUN/checkpoints", "a checkpoint", "RUN/export/adapter", "a 
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("overwrite", [False, True], ids=["", "overwrite"])
+@pytest.mark.parametrize("overwrite", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["", "overwrite"])
 def test_export_refuses_what_is_not_an_earlier_export(cli, tmp_path, trained, prepared, case, overwrite):
     root = tmp_path / "root"
     run = copy_run(trained, root)
@@ -306,6 +306,7 @@ def sleeper():
     proc.wait()
 
 
+@pytest.mark.slow  # real processes or many rounds: make test, not test-fast
 def test_a_second_job_is_refused_naming_the_holder(tmp_path, trained, prepared, sleeper):
     run = copy_run(trained, tmp_path)
     holder = Holder(socket.gethostname(), sleeper.pid, "other-job", time.time(), Holder.me().boot_id)
@@ -390,6 +391,7 @@ def test_two_real_jobs_into_one_run_dir(tmp_path, prepared):
 # the lock itself
 
 
+@pytest.mark.slow  # real processes or many rounds: make test, not test-fast
 def test_another_hosts_fresh_lease_is_waited_for_then_taken_over(tmp_path):
     """A pod killed outright and restarted elsewhere must resume, not fail: its lease runs out, then it is taken."""
     other = Holder("node-7", 12345, "killed-pod", time.time(), "another-boot", stale_after_s=1.5)
@@ -416,6 +418,7 @@ def test_a_lock_taken_over_by_another_job_is_not_removed_by_the_old_holder(tmp_p
     assert json.loads((tmp_path / LOCK).read_text())["token"] == "newer-job"
 
 
+@pytest.mark.slow  # real processes or many rounds: make test, not test-fast
 def test_of_jobs_taking_over_one_stale_lock_at_once_exactly_one_wins(tmp_path):
     """Threads of this process stand for the jobs: each sees the other's new lock as held (same pid, alive)."""
     from concurrent.futures import ThreadPoolExecutor

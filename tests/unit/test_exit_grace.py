@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.support.env import REPO, child_env
 
 BLOCKED = """
@@ -26,6 +28,7 @@ def run_blocked(code: int) -> tuple[subprocess.CompletedProcess, float]:
     return proc, time.monotonic() - t0
 
 
+@pytest.mark.slow  # real processes or many rounds: make test, not test-fast
 def test_a_process_blocked_holding_the_gil_ends_with_its_own_code_and_stacks():
     for code in (0, 3):
         proc, elapsed = run_blocked(code)
@@ -35,6 +38,7 @@ def test_a_process_blocked_holding_the_gil_ends_with_its_own_code_and_stacks():
         assert elapsed < 15
 
 
+@pytest.mark.slow  # real processes or many rounds: make test, not test-fast
 def test_a_disarmed_grace_ends_nothing_and_main_run_elsewhere_arms_none():
     script = ("import time\nfrom distclm import dist\ndist.arm_grace(5, 0.5)\ntime.sleep(2)\n"  # not owned: nothing
               "dist.own_process()\nwith dist.grace(5, 0.5):\n    pass\ntime.sleep(2)\nprint('alive')\n")
