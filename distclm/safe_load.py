@@ -36,6 +36,23 @@ DEEPSPEED_TYPES = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
                    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
                    "deepspeed.runtime.zero.config.ZeroStageEnum",
                    "deepspeed.utils.tensor_fragment.fragment_address")
+# Some Pythons (Debian bookworm's 3.11.2, the image's) pickle an Enum member by name, as getattr(ZeroStageEnum,
+# "gradients"), where others pickle it by value. A plain getattr would let a file call anything it can reach, so
+# weights-only loads get enum_member in its place: an allow-listed Enum's member, and nothing else.
+ENUM_GETATTR = "builtins.getattr"
+
+
+def enum_member(cls, name):
+    """What a pickle's getattr(cls, name) may be in a weights-only load: a member of one of DEEPSPEED_TYPES' Enums;
+    anything else is refused as the code it would run (pickle.UnpicklingError: refusing_code makes it one line)."""
+    import enum
+    from pickle import UnpicklingError
+
+    if isinstance(cls, type) and issubclass(cls, enum.Enum) and isinstance(name, str) and \
+            f"{cls.__module__}.{cls.__qualname__}" in DEEPSPEED_TYPES and name in cls.__members__:
+        return cls[name]
+    raise UnpicklingError(f"getattr({getattr(cls, '__qualname__', type(cls).__name__)}, {name!r}) is not a "
+                                 f"member of an allow-listed Enum")
 
 
 def forbid_code_from_files() -> None:
@@ -64,7 +81,7 @@ def unsafe_globals(path: Path) -> list[str]:
     from torch.serialization import get_unsafe_globals_in_checkpoint
 
     try:
-        return sorted(set(get_unsafe_globals_in_checkpoint(str(path))) - set(DEEPSPEED_TYPES))
+        return sorted(set(get_unsafe_globals_in_checkpoint(str(path))) - set(DEEPSPEED_TYPES) - {ENUM_GETATTR})
     except ValueError:  # not a torch.save zip archive
         pass
     except Exception:  # noqa: BLE001 - an unreadable or truncated archive: not this rule's to explain
@@ -112,5 +129,29 @@ def refusing_code(where: Path, fix: str = CHECKPOINT_FIX) -> Iterator[None]:
     try:
         yield
     except UnpicklingError as exc:
-        hit = find_unsafe(where)
-        raise UserError(refusal(*(hit or (Path(where), [first_line(exc)[:200]])), fix)) from None
+        hit = find_unsafe(where) or (_holding(where, ENUM_GETATTR) or Path(where), [_reason(exc)])
+        raise UserError(refusal(*hit, fix)) from None
+
+
+def _holding(where: Path, name: str) -> Path | None:
+    """The first torch.save file under `where` whose pickle names `name` (module.name; its bytes are read, nothing is
+    run). By bytes, not get_unsafe_globals_in_checkpoint: once registered, a global is no longer listed there."""
+    import zipfile
+
+    where = Path(where)
+    for path in [where] if where.is_file() else sorted(p for p in where.rglob("*") if p.suffix in PICKLED):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                pickles = [archive.read(n) for n in archive.namelist() if n.endswith(".pkl")]
+        except (OSError, zipfile.BadZipFile):  # not a torch.save archive: not the one
+            continue
+        if any(name.rsplit(".", 1)[1].encode() in data for data in pickles):
+            return path
+    return None
+
+
+def _reason(exc: BaseException) -> str:
+    """torch's weights-only refusal quotes the unpickler's own reason after pages of advice: that line."""
+    text = str(exc)
+    after = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else text
+    return (next((line.strip() for line in after.splitlines() if line.strip()), "") or first_line(exc))[:200]

@@ -18,7 +18,7 @@ from argparse import Namespace
 from pathlib import Path
 
 from distclm.errors import UserError
-from distclm.safe_load import DEEPSPEED_TYPES, refuse_code, refusing_code
+from distclm.safe_load import DEEPSPEED_TYPES, ENUM_GETATTR, enum_member, refuse_code, refusing_code
 
 
 def allow_deepspeed_types() -> None:
@@ -28,7 +28,8 @@ def allow_deepspeed_types() -> None:
     import torch
 
     torch.serialization.add_safe_globals([getattr(importlib.import_module(m), n) for m, n in
-                                          (t.rsplit(".", 1) for t in DEEPSPEED_TYPES)])
+                                          (t.rsplit(".", 1) for t in DEEPSPEED_TYPES)] +
+                                         [(enum_member, ENUM_GETATTR)])  # an Enum member pickled by name
 
 
 def to_universal(src: Path, dst: Path) -> None:
