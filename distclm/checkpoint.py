@@ -23,12 +23,11 @@ universal/ (DeepSpeed's ds_to_universal) and loaded with `load_universal`.
 
 from __future__ import annotations
 
-import errno
 import json
 import shutil
 from pathlib import Path
 
-from distclm.atomic import atomic_dir, fresh_dir, publish_dir
+from distclm.atomic import atomic_dir, disk_full, fresh_dir, publish_dir
 from distclm.errors import UserError
 from distclm.safe_load import refuse_code
 
@@ -149,8 +148,7 @@ def _write(engine, run_dir: Path, tmp: Path, meta: dict, hf) -> None:
 
 def _disk_full(exc: BaseException, run_dir: Path) -> bool:
     # torch.save reports a full disk as RuntimeError("... unexpected pos ..."): look at the disk itself.
-    return (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or \
-        shutil.disk_usage(run_dir).free < 16 * 2**20
+    return disk_full(exc) or shutil.disk_usage(run_dir).free < 16 * 2**20
 
 
 def prune(run_dir: Path, keep_last: int) -> None:
